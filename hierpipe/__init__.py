@@ -1,0 +1,3 @@
+"""hierpipe: reproducible hierarchical model studies."""
+
+__version__ = "0.1.0"

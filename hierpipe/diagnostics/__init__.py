@@ -1,0 +1,1 @@
+"""hierpipe.diagnostics."""

@@ -1,0 +1,82 @@
+"""Figures for the report, returned as base64 PNG strings to inline in HTML."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def to_base64(fig: plt.Figure) -> str:
+    """PNG bytes of ``fig`` as base64, without the timestamp metadata."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def shrinkage_plot(tables: dict[str, pd.DataFrame]) -> str:
+    """No-pooling against hierarchical estimate per group, with the diagonal."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
+    for ax, (fit, t) in zip(axes[0], tables.items(), strict=True):
+        lo = float(np.nanmin([t["no_pooling"].min(), t["estimate"].min()]))
+        hi = float(np.nanmax([t["no_pooling"].max(), t["estimate"].max()]))
+        pad = 0.05 * (hi - lo if hi > lo else 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1, label="no shrinkage")
+        ax.axhline(t["population"].iloc[0], color="C3", lw=1, ls="--", label="population mean")
+        sc = ax.scatter(t["no_pooling"], t["estimate"], c=t["n"], cmap="viridis", s=22, zorder=3)
+        ax.set_xlabel("no-pooling estimate (group mean)")
+        ax.set_ylabel(f"{fit} estimate")
+        ax.set_title(fit)
+        fig.colorbar(sc, ax=ax, label="group size")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    return to_base64(fig)
+
+
+def estimates_plot(per_group: pd.DataFrame, fits: list[str], truth: pd.Series | None) -> str:
+    """Each group's estimate under each fit (points) and the truth when known."""
+    order = per_group.sort_values(fits[0]).index if fits else per_group.index
+    y = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(order) + 1)))
+    for k, fit in enumerate(fits):
+        ax.scatter(per_group.loc[order, fit], y + (k - len(fits) / 2) * 0.1, s=12, label=fit)
+    if truth is not None:
+        ax.scatter(truth.reindex(order), y, marker="x", color="k", s=18, label="truth")
+    ax.set_yticks(y, [str(i) for i in order], fontsize=6)
+    ax.set_xlabel("group estimate")
+    ax.legend(fontsize=7, loc="best")
+    return to_base64(fig)
+
+
+def cv_plot(tables: dict[str, pd.DataFrame]) -> str:
+    """Per-group elpd difference of each fit against the best fit."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    elpd = pd.DataFrame({f: t.set_index("group")["elpd"] for f, t in tables.items()})
+    best = elpd.sum().idxmax()
+    for fit in elpd.columns:
+        if fit == best:
+            continue
+        ax.plot(np.arange(len(elpd)), elpd[fit] - elpd[best], marker="o", ms=3, lw=0.8, label=fit)
+    ax.axhline(0, color="0.5", lw=1)
+    ax.set_xlabel("held-out group")
+    ax.set_ylabel(f"elpd difference to {best}")
+    ax.legend(fontsize=7)
+    return to_base64(fig)
+
+
+def trace_plot(draws: pd.DataFrame, params: list[str]) -> str:
+    """Trace of each chain for the hyperparameters."""
+    fig, axes = plt.subplots(len(params), 1, figsize=(7, 1.5 * len(params)), squeeze=False)
+    for ax, p in zip(axes[:, 0], params, strict=True):
+        for c, d in draws.groupby("chain"):
+            ax.plot(d["draw"], d[p], lw=0.4, alpha=0.8, label=f"chain {c}")
+        ax.set_ylabel(p, fontsize=7)
+    axes[-1, 0].set_xlabel("draw")
+    return to_base64(fig)

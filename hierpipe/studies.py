@@ -1,0 +1,67 @@
+"""What the workflow needs to know about the configured studies.
+
+Pure functions over the validated config dictionary; the Snakefile and the
+rules call them, and the tests can too, without Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SAMPLERS = frozenset({"gibbs"})
+GIBBS_DEFAULTS = {"chains": 4, "warmup": 1000, "draws": 1000}
+
+
+def study(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return config["studies"][name]
+
+
+def study_seed(config: dict[str, Any], name: str) -> int:
+    """The study's own seed, or the config's."""
+    return int(study(config, name).get("seed", config.get("seed", 42)))
+
+
+def is_simulated(config: dict[str, Any], name: str) -> bool:
+    return "simulate" in study(config, name)["data"]
+
+
+def fits(config: dict[str, Any], name: str) -> list[str]:
+    return list(study(config, name)["fits"])
+
+
+def sampler_fits(config: dict[str, Any], name: str) -> list[str]:
+    return [f for f in fits(config, name) if f in SAMPLERS]
+
+
+def cv_fits(config: dict[str, Any], name: str) -> list[str]:
+    """Fits scored by leave-one-group-out; by default all that can predict a new group."""
+    cv = study(config, name).get("cv", {})
+    default = [f for f in fits(config, name) if f != "no_pooling"]
+    chosen = list(cv.get("fits", default))
+    return [f for f in chosen if f in fits(config, name)]
+
+
+def cv_chunks(config: dict[str, Any], name: str) -> int:
+    return int(study(config, name).get("cv", {}).get("chunks", 1))
+
+
+def fit_settings(config: dict[str, Any], name: str, fit: str) -> dict[str, Any]:
+    """The settings one fit uses, and nothing else, so a change reruns only it."""
+    if fit in SAMPLERS:
+        g = dict(GIBBS_DEFAULTS)
+        g.update(study(config, name).get("gibbs", {}))
+        return g
+    return {}
+
+
+def fit_settings_json(config: dict[str, Any], name: str, fit: str) -> str:
+    return json.dumps(fit_settings(config, name, fit), sort_keys=True, separators=(",", ":"))
+
+
+def simulate_args(config: dict[str, Any], name: str) -> str:
+    """``--set key=value`` arguments of a simulated study (JSON values)."""
+    params = study(config, name)["data"]["simulate"].get("params", {})
+    return " ".join(
+        f"--set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items())
+    )

@@ -1,0 +1,34 @@
+import re
+
+from hierpipe import studies as S
+from hierpipe.provenance import source_hash
+
+RESULTS = config.get("results", "results")
+STUDIES = sorted(config["studies"])
+CODE = source_hash()
+
+
+def alternation(names):
+    """A regex matching exactly these names (none: a pattern that matches nothing)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!x)x"
+
+
+SIMULATED = [s for s in STUDIES if S.is_simulated(config, s)]
+INGESTED = [s for s in STUDIES if not S.is_simulated(config, s)]
+ALL_FITS = sorted({f for s in STUDIES for f in S.fits(config, s)})
+SAMPLER_FITS = sorted(S.SAMPLERS)
+POINT_FITS = sorted(set(ALL_FITS) - S.SAMPLERS)
+
+
+wildcard_constraints:
+    study=alternation(STUDIES),
+    fit=alternation(ALL_FITS),
+    chunk=r"\d+",
+
+
+def data_path(wildcards):
+    return f"{RESULTS}/{wildcards.study}/data.parquet"
+
+
+def log_path(*parts):
+    return "/".join([RESULTS, "{study}", "logs", *parts])

@@ -1,0 +1,44 @@
+rule simulate:
+    output:
+        data=f"{RESULTS}/{{study}}/data.parquet",
+        truth=f"{RESULTS}/{{study}}/truth.parquet",
+    params:
+        design=lambda w: S.study(config, w.study)["data"]["simulate"]["design"],
+        sets=lambda w: S.simulate_args(config, w.study),
+        seed=lambda w: S.study_seed(config, w.study),
+        code=CODE,
+    wildcard_constraints:
+        study=alternation(SIMULATED),
+    log:
+        log_path("simulate.log"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "hierpipe simulate --design {params.design} --out {output.data} --truth {output.truth}"
+        " --seed {params.seed} --key {wildcards.study} {params.sets} > {log} 2>&1"
+
+
+rule ingest:
+    input:
+        lambda w: S.study(config, w.study)["data"]["file"],
+    output:
+        f"{RESULTS}/{{study}}/data.parquet",
+    params:
+        formula=lambda w: S.study(config, w.study)["formula"],
+        columns=lambda w: " ".join(
+            f"--column {k}={v}" for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
+        ),
+        code=CODE,
+    wildcard_constraints:
+        study=alternation(INGESTED),
+    log:
+        log_path("ingest.log"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "hierpipe ingest {input:q} --formula {params.formula:q} {params.columns} --out {output}"
+        " > {log} 2>&1"
