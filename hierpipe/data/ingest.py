@@ -32,7 +32,14 @@ def ingest(df: pd.DataFrame, formula: str, *, columns: dict[str, str], source: s
             )
     renamed = df.rename(columns={v: k for k, v in columns.items()})
     parsed = parse_formula(formula)
-    build_design(parsed, renamed, source=source)
+    try:
+        build_design(parsed, renamed, source=source)
+    except InputError as exc:
+        # The user knows their file's column names, not the formula's.
+        message = str(exc)
+        for name, col in columns.items():
+            message = message.replace(f"column '{name}'", f"column '{col}'")
+        raise InputError(message) from None
     groups = {c for term in parsed.random for c in term.group}
     out = {}
     for name in parsed.variables():

@@ -54,24 +54,15 @@ def _gibbs_settings(settings: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def run_gibbs(stats: GroupStats, settings: dict[str, Any], rng: np.random.Generator):
-    """Run the two-level sampler; returns (sample, priors, settings used)."""
-    from hierpipe.models.gibbs_fit import resolve_priors
-    from hierpipe.models.gibbs_twolevel import gibbs_two_level, priors_from_config
+    """Run the two-level sampler; returns (draws, priors as resolved from config)."""
+    from hierpipe.models.gibbs_fit import priors_from_config, resolve_priors
+    from hierpipe.models.gibbs_twolevel import gibbs_two_level
 
     chains, warmup, draws = _gibbs_settings(settings)
     priors = resolve_priors(stats, settings.get("priors"))
-    sample = gibbs_two_level(
-        stats.n,
-        stats.ybar,
-        stats.ssw,
-        chains=chains,
-        warmup=warmup,
-        draws=draws,
-        priors=priors_from_config(priors),
-        rng=rng,
-    )
-    used = {"chains": chains, "warmup": warmup, "draws": draws}
-    return sample, priors, used
+    sample = gibbs_two_level(stats.n, stats.ybar, stats.ssw, chains=chains, warmup=warmup,
+                             draws=draws, priors=priors_from_config(priors), rng=rng)
+    return sample, priors
 
 
 def eb_variances(stats: GroupStats, method: str) -> tuple[float, float, dict[str, Any]]:
@@ -113,14 +104,17 @@ def fit_one_way(
         tau2, sigma2, facts = eb_variances(stats, method)
         boundary = []
         if tau2 <= 0.0:
-            boundary.append(f"boundary fit: sd_{group}__Intercept estimated at 0")
-        info = {**facts, "boundary": boundary, "warnings": list(boundary)}
+            raw = facts.get("tau2_moments_raw")
+            detail = f" (moment estimate of its variance was {raw:.4g})" if raw is not None else ""
+            boundary.append(f"boundary fit: sd_{group}__Intercept estimated at 0{detail}")
+        warnings = [*boundary, *facts.pop("warnings", [])]
+        info = {**facts, "boundary": boundary, "warnings": warnings}
         return oneway.eb_fit(stats, group, tau2, sigma2, info=info)
     if method == "gibbs":
         from hierpipe.models.gibbs_fit import gibbs_result
 
-        sample, priors, used = run_gibbs(stats, settings, rng)
-        return gibbs_result(stats, group, sample, used, priors, rng)
+        sample, priors = run_gibbs(stats, settings, rng)
+        return gibbs_result(stats, group, sample, priors, rng)
     raise ConfigError(f"unknown fit method '{method}'")
 
 
@@ -160,7 +154,7 @@ def new_group_predictive(
         mu = float(np.dot(w, stats.ybar) / w.sum())
         return Predictive(np.array(mu), np.array(tau2 + 1.0 / w.sum()), np.array(sigma2))
     if method == "gibbs":
-        sample, _, _ = run_gibbs(stats, settings, rng)
+        sample, _ = run_gibbs(stats, settings, rng)
         return Predictive(
             sample.b_Intercept.ravel(), sample.sd.ravel() ** 2, sample.sigma.ravel() ** 2
         )

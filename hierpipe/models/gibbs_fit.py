@@ -10,6 +10,8 @@ import pandas as pd
 from hierpipe.data.groups import GroupStats
 from hierpipe.diagnostics.convergence import summarise_draws
 from hierpipe.models.oneway import Prediction, prediction_rows
+from hierpipe.errors import ConfigError
+from hierpipe.models.gibbs_twolevel import Flat, HalfCauchy, InvGamma, Normal, Priors
 from hierpipe.models.result import FitResult
 
 
@@ -47,6 +49,34 @@ def resolve_priors(stats: GroupStats, given: dict[str, dict[str, Any]] | None) -
     return priors
 
 
+def priors_from_config(priors: dict[str, dict[str, Any]]) -> Priors:
+    """The sampler's prior objects from config dictionaries (see README for the keys)."""
+
+    def scale_prior(name: str) -> HalfCauchy | InvGamma:
+        spec = priors[name]
+        if spec["family"] == "half_cauchy":
+            return HalfCauchy(scale=float(spec["scale"]))
+        if spec["family"] == "inv_gamma":
+            if "shape" not in spec or "scale" not in spec:
+                raise ConfigError(f"prior '{name}': inv_gamma needs shape and scale (on the variance)")
+            return InvGamma(shape=float(spec["shape"]), scale=float(spec["scale"]))
+        raise ConfigError(
+            f"prior '{name}': family '{spec['family']}' is not available for the two-level "
+            "sampler (use half_cauchy or inv_gamma)"
+        )
+
+    b = priors["b_Intercept"]
+    if b["family"] == "flat":
+        intercept: Flat | Normal = Flat()
+    elif b["family"] == "normal":
+        if "scale" not in b:
+            raise ConfigError("prior 'b_Intercept': normal needs a scale (its SD)")
+        intercept = Normal(mean=float(b.get("location", 0.0)), sd=float(b["scale"]))
+    else:
+        raise ConfigError(f"prior 'b_Intercept': family '{b['family']}' must be flat or normal")
+    return Priors(sd=scale_prior("sd"), sigma=scale_prior("sigma"), b_Intercept=intercept)
+
+
 def draws_frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
     """Long draws table: ``chain``, ``draw`` and one float64 column a parameter."""
     first = next(iter(arrays.values()))
@@ -64,7 +94,6 @@ def gibbs_result(
     stats: GroupStats,
     group: str,
     sample: Any,
-    settings: dict[str, Any],
     priors: dict[str, Any],
     rng: np.random.Generator,
 ) -> FitResult:
@@ -101,9 +130,13 @@ def gibbs_result(
                 "posterior predictive draws",
             )
         )
+    weight = tau[..., None] ** 2 / (tau[..., None] ** 2 + sigma[..., None] ** 2 / stats.n)
     info = {
-        "settings": settings,
-        "priors": priors,
+        **sample.info(),
+        "priors_config": priors,
+        "shrinkage": {
+            lab: float(w) for lab, w in zip(stats.labels, weight.mean(axis=(0, 1)), strict=True)
+        },
         "predictions": prediction_rows(preds),
         "warnings": [],
     }

@@ -45,7 +45,10 @@ def _num(x: Any, digits: int = 3) -> str:
         return "–"
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
         return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits > 0 else f"{v:.0f}"
+    if digits == 0:
+        return f"{v:.0f}"
+    text = f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-") else "0"
 
 
 def _is_hyper(name: str) -> bool:
