@@ -301,7 +301,7 @@ def tau2_hs(y: ArrayLike, v: ArrayLike, X: ArrayLike | None = None) -> float:
 def _tau2_hs(y: FloatArray, v: FloatArray, X: FloatArray) -> float:
     k = y.size
     fit0 = _wls(y, v, X, 0.0)
-    return max(0.0, (fit0.rss - (k - X.shape[1])) / float(np.sum(1.0 / v)))
+    return max(0.0, (fit0.rss - k) / float(np.sum(1.0 / v)))
 
 
 def _sj_start(y: FloatArray) -> float:

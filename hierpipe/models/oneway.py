@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
+from scipy.special import stdtrit
 
 from hierpipe.data.groups import GroupStats
 from hierpipe.models.result import FitResult, normal_row, point_row, summary_frame
@@ -64,7 +64,7 @@ def complete_pooling(stats: GroupStats, group: str) -> FitResult:
     ss_total = stats.ssw + float(np.dot(stats.n, (stats.ybar - mu) ** 2))
     sigma = np.sqrt(ss_total / (n_obs - 1)) if n_obs > 1 else np.nan
     se = sigma / np.sqrt(n_obs)
-    t = sps.t.ppf(0.95, n_obs - 1) if n_obs > 1 else np.nan
+    t = stdtrit(n_obs - 1, 0.95) if n_obs > 1 else np.nan
     rows = [
         point_row("b_Intercept", mu, se, mu - t * se, mu + t * se),
         point_row("sigma", sigma),
@@ -107,7 +107,7 @@ def no_pooling(stats: GroupStats, group: str) -> FitResult:
     warnings = []
     if df > 0:
         sigma = np.sqrt(stats.ssw / df)
-        t = sps.t.ppf(0.95, df)
+        t = stdtrit(df, 0.95)
     else:
         sigma, t = np.nan, np.nan
         warnings.append("no within-group replication: sigma and the standard errors are undefined")

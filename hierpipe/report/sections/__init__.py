@@ -1,0 +1,18 @@
+"""Report sections: each module's ``build(ctx)`` returns the template's data or None.
+
+A section renders ``templates/sections/<name>.html.j2`` with ``s`` (what
+``build`` returned) and ``ctx`` (the :class:`~hierpipe.report.context.StudyContext`).
+Returning None leaves the section out (e.g. convergence for a study without
+samplers). ``SECTIONS`` is the page order.
+"""
+
+SECTIONS = (
+    "overview",
+    "estimates",
+    "shrinkage",
+    "variance",
+    "convergence",
+    "cv",
+    "recovery",
+    "provenance",
+)
