@@ -11,17 +11,26 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def source_hash() -> str:
+def source_hash(*parts: str, exclude: tuple[str, ...] = ()) -> str:
     """SHA-256 over the package's Python and template files, in sorted order.
 
-    The fitting rules take this as a param: Snakemake's code trigger sees only
-    a rule's own text, so without it a changed model would not rerun the fits.
+    ``parts`` limits it to files under these package-relative paths (all files
+    when empty); ``exclude`` leaves paths out. The rules take such a hash as a
+    param: Snakemake's code trigger sees only a rule's own text, so without it a
+    changed model would not rerun the fits. Each rule hashes only the code it
+    runs, so editing the report template does not refit anything.
     """
     h = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*")):
-        if path.suffix in {".py", ".j2", ".css"} and "__pycache__" not in path.parts:
-            h.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
-            h.update(path.read_bytes())
+        if path.suffix not in {".py", ".j2", ".css"} or "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(PACKAGE_DIR).as_posix()
+        if parts and not rel.startswith(parts):
+            continue
+        if exclude and rel.startswith(exclude):
+            continue
+        h.update(rel.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hierpipe.cv.logo import score_group
-from hierpipe.models.fitting import load_model, new_group_predictive
+from hierpipe.models.fitting import load_model
 from hierpipe.seeds import derive_rng
 
 CV_COLUMNS = [
@@ -46,26 +45,12 @@ def run_chunk(
 ) -> pd.DataFrame:
     """Scores of the held-out groups of one chunk: one row a group."""
     model = load_model(df, formula, source)
-    stats = model.stats
+    model.check(method)
+    labels = model.engine.group_labels(model.prepared)
     rows = []
-    for j in range(chunk, stats.n_groups, chunks):
-        label = stats.labels[j]
-        rng = derive_rng(seed, *keys, method, "logo", label)
-        pred = new_group_predictive(stats.without(j), method, settings, rng)
-        s = score_group(pred, stats.n[j], stats.ybar[j], stats.ss[j], rng)
-        rows.append(
-            {
-                "group": label,
-                "n": float(stats.n[j]),
-                "elpd": s.elpd,
-                "pred_mean": s.pred_mean,
-                "pred_q5": s.pred_q5,
-                "pred_q95": s.pred_q95,
-                "observed_mean": float(stats.ybar[j]),
-                "error": s.error,
-                "covered": s.covered,
-            }
-        )
+    for j in fold_groups(len(labels), chunk, chunks):
+        rng = derive_rng(seed, *keys, method, "logo", labels[j])
+        rows.append(model.engine.score_held_out(model.prepared, int(j), method, settings, rng))
     out = pd.DataFrame(rows, columns=CV_COLUMNS)
     out.insert(0, "fit", method)
     return out.astype({"fit": str, "group": str, "covered": bool})

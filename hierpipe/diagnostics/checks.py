@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from hierpipe.diagnostics.convergence import ess_bulk, ess_tail, mcse_mean, split_rhat
+from hierpipe.diagnostics.convergence import (
+    ess_bulk,
+    ess_tail,
+    flag_convergence,
+    mcse_mean,
+    split_rhat,
+)
 from hierpipe.io import read_json, read_table, write_json, write_parquet
 from hierpipe.models.fitting import load_model
 
@@ -27,55 +32,12 @@ RHAT_MAX = 1.01
 ESS_MIN = 400.0
 
 
-def _coef_name(group: str, label: str) -> str:
-    return f"coef_{group}[{label},Intercept]"
-
-
-def shrinkage_table(stats, group: str, summary: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
-    """One row a group (see module docstring)."""
-    est = summary.set_index("parameter")["mean"]
-    if "b_Intercept" in est.index:
-        pop = float(est["b_Intercept"])
-    else:
-        pop = stats.grand_mean
-    theta = np.array([est.get(_coef_name(group, lab), np.nan) for lab in stats.labels])
-    known = info.get("shrinkage")
-    if known:
-        lam = np.array([known[lab] for lab in stats.labels], dtype=float)
-    else:
-        dev = stats.ybar - pop
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lam = np.where(np.abs(dev) > 1e-12 * (1 + abs(pop)), (theta - pop) / dev, np.nan)
-    return pd.DataFrame(
-        {
-            "group": pd.Series(stats.labels, dtype=str),
-            "n": stats.n.astype(np.float64),
-            "no_pooling": stats.ybar.astype(np.float64),
-            "estimate": theta.astype(np.float64),
-            "population": np.full(stats.n_groups, pop, dtype=np.float64),
-            "weight": lam.astype(np.float64),
-            "shrinkage": (1.0 - lam).astype(np.float64),
-        }
-    )
-
-
-def convergence_flags(summary: pd.DataFrame) -> list[str]:
+def hyper_flags(summary: pd.DataFrame) -> list[str]:
     """Hyperparameters with R-hat above 1.01 or bulk/tail ESS below 400 (Vehtari et al. 2021)."""
     if "rhat" not in summary.columns:
         return []
-    flags = []
-    for row in summary.itertuples(index=False):
-        if not HYPER_PATTERN.match(row.parameter):
-            continue
-        bad = []
-        if not row.rhat <= RHAT_MAX:
-            bad.append(f"R-hat {row.rhat:.3f} > {RHAT_MAX}")
-        ess = min(row.ess_bulk, row.ess_tail)
-        if not ess >= ESS_MIN:
-            bad.append(f"ESS {ess:.0f} < {ESS_MIN:.0f}")
-        if bad:
-            flags.append(f"{row.parameter}: " + ", ".join(bad))
-    return flags
+    hyper = [p for p in summary["parameter"] if HYPER_PATTERN.match(p)]
+    return flag_convergence(summary, hyper, rhat_max=RHAT_MAX, ess_min=ESS_MIN)
 
 
 def diagnose_fit(data: str | Path, formula: str, fit_dir: Path, out_dir: Path) -> None:
@@ -84,18 +46,18 @@ def diagnose_fit(data: str | Path, formula: str, fit_dir: Path, out_dir: Path) -
     summary = pd.read_parquet(fit_dir / "summary.parquet")
     info = read_json(fit_dir / "fit.json")
     group = model.structure.group
-    table = shrinkage_table(model.stats, group, summary, info)
+    table = model.engine.shrinkage(model.prepared, model.structure, summary, info)
     est = summary.set_index("parameter")
     icc = est.loc[f"icc_{group}"].to_dict() if f"icc_{group}" in est.index else None
     checks = {
         "method": info.get("method"),
         "icc": icc,
         "effective_parameters": float(np.nansum(table["weight"])),
-        "groups": model.stats.n_groups,
+        "groups": len(table),
         "predictions": info.get("predictions", []),
         "warnings": info.get("warnings", []),
         "boundary": info.get("boundary", []),
-        "convergence_flags": convergence_flags(summary),
+        "convergence_flags": hyper_flags(summary),
     }
     write_parquet(table, out_dir / "shrinkage.parquet")
     write_json(checks, out_dir / "checks.json")

@@ -5,7 +5,10 @@ from hierpipe.provenance import source_hash
 
 RESULTS = config.get("results", "results")
 STUDIES = sorted(config["studies"])
-CODE = source_hash()
+# Code hashes as params, so changed code reruns exactly the rules that run it.
+CODE_DATA = source_hash("data/", "design.py", "formula.py", "io.py", "seeds.py", "cli.py")
+CODE = source_hash(exclude=("report/",))
+CODE_REPORT = source_hash("report/")
 
 
 def alternation(names):

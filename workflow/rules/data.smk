@@ -6,7 +6,7 @@ rule simulate:
         design=lambda w: S.study(config, w.study)["data"]["simulate"]["design"],
         sets=lambda w: S.simulate_args(config, w.study),
         seed=lambda w: S.study_seed(config, w.study),
-        code=CODE,
+        code=CODE_DATA,
     wildcard_constraints:
         study=alternation(SIMULATED),
     log:
@@ -30,7 +30,7 @@ rule ingest:
         columns=lambda w: " ".join(
             f"--column {k}={v}" for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
         ),
-        code=CODE,
+        code=CODE_DATA,
     wildcard_constraints:
         study=alternation(INGESTED),
     log:

@@ -26,7 +26,7 @@ rule report:
     params:
         study_config=lambda w: json.dumps(S.study(config, w.study), sort_keys=True),
         seed=lambda w: S.study_seed(config, w.study),
-        code=CODE,
+        code=CODE_REPORT,
     log:
         log_path("report.log"),
     threads: 1

@@ -1,0 +1,199 @@
+r"""Engine of the two-level varying-intercept model ``y ~ 1 + (1 | g)``.
+
+Everything works from per-group :math:`(n_j, \bar y_j, S_j)`
+(:class:`~hierpipe.data.groups.GroupStats`), computed once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hierpipe.cv.logo import Predictive, score_group
+from hierpipe.data.groups import GroupStats, group_stats
+from hierpipe.errors import ConfigError, InputError
+from hierpipe.models import oneway
+from hierpipe.models.result import FitResult
+from hierpipe.models.structure import Structure
+
+METHODS = ("complete_pooling", "no_pooling", "eb_moments", "eb_ml", "eb_reml", "gibbs")
+
+
+def prepare(design: Any, structure: Structure) -> GroupStats:
+    term = design.random[0]
+    return group_stats(design.y, term.codes, term.labels)
+
+
+def group_labels(stats: GroupStats) -> tuple[str, ...]:
+    return stats.labels
+
+
+def _gibbs_settings(settings: dict[str, Any]) -> tuple[int, int, int]:
+    try:
+        chains = int(settings.get("chains", 4))
+        warmup = int(settings.get("warmup", 1000))
+        draws = int(settings.get("draws", 1000))
+    except (TypeError, ValueError):
+        raise ConfigError("gibbs settings chains, warmup and draws must be integers") from None
+    if chains < 1 or warmup < 0 or draws < 10:
+        raise ConfigError("gibbs needs chains >= 1, warmup >= 0 and draws >= 10")
+    return chains, warmup, draws
+
+
+def run_gibbs(stats: GroupStats, settings: dict[str, Any], rng: np.random.Generator):
+    """Run the two-level sampler; returns (draws, priors as resolved from config)."""
+    from hierpipe.models.gibbs_fit import priors_from_config, resolve_priors
+    from hierpipe.models.gibbs_twolevel import gibbs_two_level
+
+    chains, warmup, draws = _gibbs_settings(settings)
+    priors = resolve_priors(stats, settings.get("priors"))
+    sample = gibbs_two_level(
+        stats.n,
+        stats.ybar,
+        stats.ssw,
+        chains=chains,
+        warmup=warmup,
+        draws=draws,
+        priors=priors_from_config(priors),
+        rng=rng,
+    )
+    return sample, priors
+
+
+def eb_variances(stats: GroupStats, method: str) -> tuple[float, float, dict[str, Any]]:
+    """Plug-in :math:`(\\tau^2, \\sigma^2)` and fit.json facts of an EB method."""
+    if method == "eb_moments":
+        tau2_raw, sigma2, n0 = oneway.moments_variances(stats)
+        if not np.isfinite(sigma2):
+            raise InputError(
+                "eb_moments: no group has two or more observations, so the "
+                "within-group variance cannot be estimated"
+            )
+        return max(tau2_raw, 0.0), sigma2, {"tau2_moments_raw": float(tau2_raw), "n0": n0}
+    from hierpipe.models.lmm import one_way_reml
+
+    fit = one_way_reml(stats.n, stats.ybar, stats.ss, "REML" if method == "eb_reml" else "ML")
+    facts: dict[str, Any] = {
+        "criterion": fit.method,
+        "loglik": float(fit.loglik),
+        "reml_criterion": float(fit.reml_criterion),
+        "converged": bool(fit.converged),
+        "optimizer_evaluations": int(fit.n_evaluations),
+    }
+    if not fit.converged:
+        facts["warnings"] = [f"{fit.method} optimiser convergence checks did not pass"]
+    return float(fit.sds[0]) ** 2, float(fit.sigma) ** 2, facts
+
+
+def fit(
+    stats: GroupStats,
+    structure: Structure,
+    method: str,
+    settings: dict[str, Any],
+    rng: np.random.Generator,
+) -> FitResult:
+    """Fit ``y ~ 1 + (1 | group)`` by ``method`` from the group statistics."""
+    group = structure.group
+    if method == "complete_pooling":
+        return oneway.complete_pooling(stats, group)
+    if method == "no_pooling":
+        return oneway.no_pooling(stats, group)
+    if method in ("eb_moments", "eb_ml", "eb_reml"):
+        tau2, sigma2, facts = eb_variances(stats, method)
+        boundary = []
+        if tau2 <= 0.0:
+            raw = facts.get("tau2_moments_raw")
+            detail = f" (moment estimate of its variance was {raw:.4g})" if raw is not None else ""
+            boundary.append(f"boundary fit: sd_{group}__Intercept estimated at 0{detail}")
+        warnings = [*boundary, *facts.pop("warnings", [])]
+        info = {**facts, "boundary": boundary, "warnings": warnings}
+        return oneway.eb_fit(stats, group, tau2, sigma2, info=info)
+    if method == "gibbs":
+        from hierpipe.models.gibbs_fit import gibbs_result
+
+        sample, priors = run_gibbs(stats, settings, rng)
+        return gibbs_result(stats, group, sample, priors, rng)
+    raise ConfigError(f"unknown fit method '{method}'")
+
+
+def new_group_predictive(
+    stats: GroupStats, method: str, settings: dict[str, Any], rng: np.random.Generator
+) -> Predictive:
+    """Hyperparameters of a new group's predictive after fitting ``stats`` by ``method``.
+
+    Plug-in fits add the squared SE of :math:`\\hat\\beta_0` to :math:`\\tau^2`;
+    Gibbs returns one triple per posterior draw.
+    """
+    if method == "complete_pooling":
+        mu = stats.grand_mean
+        total = stats.ssw + float(np.dot(stats.n, (stats.ybar - mu) ** 2))
+        s2 = total / (stats.n_obs - 1)
+        return Predictive(np.array(mu), np.array(s2 / stats.n_obs), np.array(s2))
+    if method in ("eb_moments", "eb_ml", "eb_reml"):
+        tau2, sigma2, _ = eb_variances(stats, method)
+        w = 1.0 / (tau2 + sigma2 / stats.n)
+        mu = float(np.dot(w, stats.ybar) / w.sum())
+        return Predictive(np.array(mu), np.array(tau2 + 1.0 / w.sum()), np.array(sigma2))
+    if method == "gibbs":
+        sample, _ = run_gibbs(stats, settings, rng)
+        return Predictive(
+            sample.b_Intercept.ravel(), sample.sd.ravel() ** 2, sample.sigma.ravel() ** 2
+        )
+    raise ConfigError(
+        f"fit method '{method}' cannot predict a new group, so it has no leave-one-group-out "
+        "score (no pooling has no population of groups)"
+    )
+
+
+def score_held_out(
+    stats: GroupStats, j: int, method: str, settings: dict[str, Any], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Refit without group ``j`` and score its observations as a new group's."""
+    pred = new_group_predictive(stats.without(j), method, settings, rng)
+    s = score_group(pred, stats.n[j], stats.ybar[j], stats.ss[j], rng)
+    return {
+        "group": stats.labels[j],
+        "n": float(stats.n[j]),
+        "elpd": s.elpd,
+        "pred_mean": s.pred_mean,
+        "pred_q5": s.pred_q5,
+        "pred_q95": s.pred_q95,
+        "observed_mean": float(stats.ybar[j]),
+        "error": s.error,
+        "covered": s.covered,
+    }
+
+
+def shrinkage(
+    stats: GroupStats, structure: Structure, summary: pd.DataFrame, info: dict[str, Any]
+) -> pd.DataFrame:
+    """Per group: no-pooling mean, the fit's estimate and the weight on own data.
+
+    The weight :math:`\\lambda_j` solves :math:`\\hat\\theta_j = \\lambda_j \\bar y_j
+    + (1-\\lambda_j)\\hat\\beta_0`; fits that know it exactly (EB: :math:`B_j`;
+    Gibbs: its posterior mean) report it in ``info["shrinkage"]``.
+    """
+    group = structure.group
+    est = summary.set_index("parameter")["mean"]
+    pop = float(est["b_Intercept"]) if "b_Intercept" in est.index else stats.grand_mean
+    theta = np.array([est.get(f"coef_{group}[{lab},Intercept]", np.nan) for lab in stats.labels])
+    known = info.get("shrinkage")
+    if known:
+        lam = np.array([known[lab] for lab in stats.labels], dtype=float)
+    else:
+        dev = stats.ybar - pop
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lam = np.where(np.abs(dev) > 1e-12 * (1 + abs(pop)), (theta - pop) / dev, np.nan)
+    return pd.DataFrame(
+        {
+            "group": pd.Series(stats.labels, dtype=str),
+            "n": stats.n.astype(np.float64),
+            "no_pooling": stats.ybar.astype(np.float64),
+            "estimate": theta.astype(np.float64),
+            "population": np.full(stats.n_groups, pop, dtype=np.float64),
+            "weight": lam.astype(np.float64),
+            "shrinkage": (1.0 - lam).astype(np.float64),
+        }
+    )
