@@ -81,6 +81,13 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     print(f"ingested {len(out)} rows from {args.file} into {args.out}")
 
 
+def cmd_copy(args: argparse.Namespace) -> None:
+    from hierpipe.io import read_table_bytes, write_bytes
+
+    write_bytes(read_table_bytes(args.src), args.dst)
+    print(f"copied {args.src} to {args.dst}")
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
     from hierpipe.io import read_table, write_json, write_parquet
     from hierpipe.models.fitting import fit_table
@@ -207,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("copy", help="copy a result file atomically (shared data sets)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(func=cmd_copy)
 
     s = sub.add_parser("fit", help="fit one model by one method")
     s.add_argument("data")

@@ -81,6 +81,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def read_table_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The raw bytes of a file, with a one-line error when it is missing."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    return p.read_bytes()
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file written by :func:`write_json`."""
     with open(path, encoding="utf-8") as fh:

@@ -22,8 +22,30 @@ def study_seed(config: dict[str, Any], name: str) -> int:
     return int(study(config, name).get("seed", config.get("seed", 42)))
 
 
+def data_source(config: dict[str, Any], name: str) -> str:
+    """``simulate``, ``file`` or ``study`` (data shared with another study)."""
+    data = study(config, name)["data"]
+    return next(k for k in ("simulate", "file", "study") if k in data)
+
+
+def data_origin(config: dict[str, Any], name: str) -> str:
+    """The study whose data this one uses, following shared-data links."""
+    seen = [name]
+    while data_source(config, seen[-1]) == "study":
+        other = study(config, seen[-1])["data"]["study"]
+        if other not in config["studies"]:
+            raise ValueError(f"study '{seen[-1]}': data.study names unknown study '{other}'")
+        if other in seen:
+            raise ValueError(
+                f"studies {' -> '.join([*seen, other])}: data.study links form a cycle"
+            )
+        seen.append(other)
+    return seen[-1]
+
+
 def is_simulated(config: dict[str, Any], name: str) -> bool:
-    return "simulate" in study(config, name)["data"]
+    """True when the study's data (possibly through another study) were simulated."""
+    return data_source(config, data_origin(config, name)) == "simulate"
 
 
 def fits(config: dict[str, Any], name: str) -> list[str]:

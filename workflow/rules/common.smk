@@ -16,8 +16,11 @@ def alternation(names):
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!x)x"
 
 
-SIMULATED = [s for s in STUDIES if S.is_simulated(config, s)]
-INGESTED = [s for s in STUDIES if not S.is_simulated(config, s)]
+SIMULATED = [s for s in STUDIES if S.data_source(config, s) == "simulate"]
+INGESTED = [s for s in STUDIES if S.data_source(config, s) == "file"]
+SHARED = [s for s in STUDIES if S.data_source(config, s) == "study"]
+for _s in SHARED:
+    S.data_origin(config, _s)  # fails at load time on unknown or cyclic links
 ALL_FITS = sorted({f for s in STUDIES for f in S.fits(config, s)})
 SAMPLER_FITS = sorted(S.SAMPLERS)
 POINT_FITS = sorted(set(ALL_FITS) - S.SAMPLERS)

@@ -42,3 +42,37 @@ rule ingest:
     shell:
         "hierpipe ingest {input:q} --formula {params.formula:q} {params.columns} --out {output}"
         " > {log} 2>&1"
+
+
+rule share_data:
+    input:
+        lambda w: f"{RESULTS}/{S.study(config, w.study)['data']['study']}/data.parquet",
+    output:
+        f"{RESULTS}/{{study}}/data.parquet",
+    wildcard_constraints:
+        study=alternation(SHARED),
+    log:
+        log_path("share_data.log"),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    shell:
+        "hierpipe copy {input} {output} > {log} 2>&1"
+
+
+rule share_truth:
+    input:
+        lambda w: f"{RESULTS}/{S.study(config, w.study)['data']['study']}/truth.parquet",
+    output:
+        f"{RESULTS}/{{study}}/truth.parquet",
+    wildcard_constraints:
+        study=alternation(SHARED),
+    log:
+        log_path("share_truth.log"),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    shell:
+        "hierpipe copy {input} {output} > {log} 2>&1"
