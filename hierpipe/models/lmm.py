@@ -26,10 +26,11 @@ is solved in closed form, and :math:`\beta` and :math:`\sigma` are profiled out:
 
 with :math:`L_\theta L_\theta^\top = \Lambda^\top Z^\top Z\Lambda + I` and
 :math:`R_X^\top R_X = X^\top V_\theta^{-1} X`, :math:`V_\theta = I + Z\Lambda\Lambda^\top Z^\top`
-(lme4 eqs. 34, 41). One grouping factor makes :math:`L_\theta` block diagonal:
+(Bates et al. 2015, sec. 3). One grouping factor makes :math:`L_\theta` block diagonal:
 group :math:`g` needs only :math:`M_g = \Lambda^\top Z_g^\top Z_g \Lambda + I`
-(:math:`q\times q`), so a criterion evaluation is a batched Cholesky of a
-:math:`(G, q, q)` stack plus :math:`p\times p` work, :math:`O(Gq^3 + p^3)`,
+(:math:`q\times q`), so a criterion evaluation is :math:`G` small Cholesky
+factorisations, done together entry by entry over a group axis (see
+:class:`_Blocks`), plus :math:`p\times p` work: :math:`O(Gq^3 + p^3)`,
 independent of :math:`n` (the data enter through
 :mod:`hierpipe.models.suffstats_lmm`).
 
@@ -311,7 +312,7 @@ class _Decomp:
 
 
 def _decompose(stats: LmmStats, blocks: _Blocks, lam: np.ndarray) -> _Decomp:
-    """Solve the penalised least-squares problem at factor ``lam`` (lme4 sec. 3.3-3.4)."""
+    """Solve the penalised least-squares problem at factor ``lam`` (Bates et al. 2015, sec. 3)."""
     q, p = lam.shape[0], stats.p
     lam_a = np.einsum("ka,kbg->abg", lam, blocks.a)
     m = np.einsum("akg,kb->abg", lam_a, lam)
@@ -345,7 +346,7 @@ def _decompose(stats: LmmStats, blocks: _Blocks, lam: np.ndarray) -> _Decomp:
 
 
 def _profiled(dec: _Decomp, n: int, p: int, reml: bool) -> float:
-    """Profiled deviance (ML) or REML criterion from a decomposition (lme4 eqs. 34, 41)."""
+    """Profiled deviance (ML) or REML criterion from a decomposition (module docstring)."""
     if reml:
         df = n - p
         return dec.logdet_l + dec.logdet_rx + df * (1.0 + np.log(2.0 * np.pi * dec.r2 / df))
@@ -670,13 +671,14 @@ def _conditional_sds(lam: np.ndarray, dec: _Decomp, sigma2: float) -> tuple[np.n
     With :math:`b_g = \Lambda u_g`: :math:`\operatorname{Var}(b_g \mid y, \hat\beta)
     = \sigma^2\Lambda M_g^{-1}\Lambda^\top` (lme4 ``condVar``), and, letting
     :math:`\hat\beta` vary too, the :math:`u`-block of the inverse of the mixed-model
-    equations (Henderson 1975), :math:`\sigma^2\Lambda(M_g^{-1} + P_g C^{-1}P_g^\top)
-    \Lambda^\top`.
+    equations, :math:`\sigma^2\Lambda(M_g^{-1} + P_g C^{-1}P_g^\top)\Lambda^\top`
+    (Henderson, C. R. 1975, "Best linear unbiased estimation and prediction
+    under a selection model", *Biometrics* 31, 423-447).
     """
     q, g = dec.u.shape
     m_inv = _batched_solve(dec.chol, np.broadcast_to(np.eye(q)[:, :, None], (q, q, g)))
     p_cinv = np.einsum("kig,ij->kjg", dec.p_mat, dec.c_inv)
-    pev = m_inv + 0 * np.einsum("kjg,ljg->klg", p_cinv, dec.p_mat)
+    pev = m_inv + np.einsum("kjg,ljg->klg", p_cinv, dec.p_mat)
 
     def diag_of_sandwich(mid: np.ndarray) -> np.ndarray:
         # diag(Lam mid_g Lam') for each group, as (G, q)
@@ -742,23 +744,31 @@ def _assemble(
     )
 
 
-def _check_identifiable(stats: LmmStats, method: str) -> None:
-    """Refuse what cannot be fitted: several factors, too few rows, collinear X."""
+def _check_identifiable(stats: LmmStats) -> None:
+    """Refuse what cannot be fitted: several factors, too few rows, collinear X.
+
+    As lme4 (``check.nobs.vs.nRE``), the observations must outnumber the random
+    effects :math:`Gq`, or the residual variance is not identified.
+    """
     if len(stats.terms) != 1:
         raise MethodError(
             f"this LMM engine fits one grouping factor; got {len(stats.terms)} "
             "(nested and crossed factors are not implemented yet)"
         )
     n, p = stats.n_obs, stats.p
-    if n <= p + (1 if method == "ML" else 0):
-        raise InputError(f"{n} observations are too few for {p} fixed effects")
+    n_re = stats.terms[0].n_groups * stats.terms[0].q
+    if n <= p or n <= n_re:
+        raise InputError(
+            f"{n} observations are too few for {p} fixed effects and {n_re} random effects "
+            "(the residual variance would not be identified)"
+        )
     scale = np.sqrt(np.diag(stats.xtx))
     if np.any(scale == 0.0):
         k = int(np.flatnonzero(scale == 0.0)[0])
         raise InputError(f"X: column {k} is zero (or constant besides the intercept)")
     eig = np.linalg.eigvalsh(stats.xtx / np.outer(scale, scale))
-    # The scaled cross-product has unit diagonal; an eigenvalue below 1e-10 means a
-    # column is a combination of others to about 5 significant digits.
+    # The scaled cross-product has unit diagonal; an eigenvalue below 1e-10 means some
+    # combination of columns has norm below 1e-5 of theirs: collinear for our purposes.
     if eig[0] < 1e-10:
         raise InputError(f"X: the fixed-effects design is rank deficient (eigenvalue {eig[0]:.2g})")
 
@@ -790,12 +800,12 @@ def fit_lmm_from_stats(
     Notes
     -----
     The optimiser starts at :math:`\\Lambda = I` (lme4's start). If the checks
-    fail after the L-BFGS-B run, one bounded Nelder-Mead run from the same start
+    fail after the L-BFGS-B run, one Nelder-Mead run from the same start
     follows; both are recorded in ``convergence["attempts"]`` and the lower
     criterion is kept. Nothing is retried silently.
     """
     reml = _check_method(method)
-    _check_identifiable(stats, method)
+    _check_identifiable(stats)
     q = stats.terms[0].q
     names = (
         _names(fixed_names, stats.p, "X", "fixed_names"),
@@ -1000,7 +1010,7 @@ def one_way_reml(
     """
     reml = _check_method(method)
     stats = one_way_stats(n, ybar, ss_within)
-    _check_identifiable(stats, method)
+    _check_identifiable(stats)
     dev = np.asarray(ybar, dtype=np.float64) - stats.y_center
     ow = _OneWay(
         n=np.asarray(n, dtype=np.float64), dev=dev, ssw=float(np.sum(ss_within)), reml=reml
