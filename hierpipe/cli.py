@@ -46,15 +46,15 @@ def _parse_columns(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _settings(text: str | None) -> dict[str, Any]:
+def _settings(text: str | None, option: str = "--settings") -> dict[str, Any]:
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--settings is not valid JSON ({exc.msg})") from None
+        raise ConfigError(f"{option} is not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise ConfigError("--settings must be a JSON object")
+        raise ConfigError(f"{option} must be a JSON object")
     return value
 
 
@@ -76,7 +76,14 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from hierpipe.io import read_table, write_parquet
 
     df = read_table(args.file)
-    out = ingest(df, args.formula, columns=_parse_columns(args.column), source=str(args.file))
+    effect_size = _settings(args.effect_size, "--effect-size") or None
+    out = ingest(
+        df,
+        args.formula,
+        columns=_parse_columns(args.column),
+        source=str(args.file),
+        effect_size=effect_size,
+    )
     write_parquet(out, args.out)
     print(f"ingested {len(out)} rows from {args.file} into {args.out}")
 
@@ -195,6 +202,27 @@ def cmd_index(args: argparse.Namespace) -> None:
     render_index([Path(p) for p in args.reports], Path(args.out))
 
 
+def cmd_sbc(args: argparse.Namespace) -> None:
+    from hierpipe.io import write_parquet
+    from hierpipe.sbc.core import SBCSettings, chunk_bounds, get_case, run_case
+    from hierpipe.seeds import derive_rng
+
+    case = get_case(args.case)
+    first, count = chunk_bounds(args.replications, args.chunk, args.chunks)
+    settings = SBCSettings(draws=args.draws, thin=args.thin, warmup=args.warmup)
+    rng = derive_rng(args.seed, "sbc", args.case, args.chunk)
+    table = run_case(case, count, settings, rng, first=first)
+    write_parquet(table, args.out)
+    print(f"sbc {args.case}: ranks of {count} replications into {args.out}")
+
+
+def cmd_sbc_report(args: argparse.Namespace) -> None:
+    from hierpipe.sbc.report import render_sbc_report
+
+    render_sbc_report(args.ranks, args.out, bins=args.bins)
+    print(f"sbc report written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hierpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--formula", required=True)
     s.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE")
+    s.add_argument("--effect-size", help="JSON object: effect sizes to compute (data.effect_size)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_ingest)
 
@@ -279,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("reports", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("sbc", help="simulation-based calibration: ranks of one chunk of a case")
+    s.add_argument("--case", required=True)
+    s.add_argument("--replications", type=int, required=True, help="of the whole case")
+    s.add_argument("--chunk", type=int, default=0)
+    s.add_argument("--chunks", type=int, default=1)
+    s.add_argument("--draws", type=int, default=99)
+    s.add_argument("--thin", type=int, default=3)
+    s.add_argument("--warmup", type=int, default=500)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_sbc)
+
+    s = sub.add_parser("sbc-report", help="render the SBC report from rank tables")
+    s.add_argument("ranks", nargs="+")
+    s.add_argument("--bins", type=int, default=20)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_sbc_report)
     return p
 
 

@@ -70,15 +70,38 @@ def cv_chunks(config: dict[str, Any], name: str) -> int:
 
 def fit_settings(config: dict[str, Any], name: str, fit: str) -> dict[str, Any]:
     """The settings one fit uses, and nothing else, so a change reruns only it."""
+    meta = meta_settings(config, name, fit)
     if fit in SAMPLERS:
         g = dict(GIBBS_DEFAULTS)
         g.update(study(config, name).get("gibbs", {}))
-        return g
-    return {}
+        return {**g, **meta}
+    return meta
+
+
+def meta_settings(config: dict[str, Any], name: str, fit: str) -> dict[str, Any]:
+    """The meta-analysis options (``studies.NAME.meta``) that ``fit`` reads.
+
+    The Bayesian fits read the prior on tau and the interval level; the
+    frequentist ones Knapp-Hartung and the level; no pooling reads none.
+    """
+    meta = study(config, name).get("meta", {})
+    if fit in ("meta_bayes", "gibbs"):
+        keys: tuple[str, ...] = ("level", "prior")
+    elif fit == "no_pooling":
+        keys = ()
+    else:
+        keys = ("knha", "level")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def fit_settings_json(config: dict[str, Any], name: str, fit: str) -> str:
     return json.dumps(fit_settings(config, name, fit), sort_keys=True, separators=(",", ":"))
+
+
+def effect_size_json(config: dict[str, Any], name: str) -> str:
+    """The study's ``data.effect_size`` as JSON (``{}`` when the file holds the effect sizes)."""
+    spec = study(config, name)["data"].get("effect_size", {})
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
 def simulate_args(config: dict[str, Any], name: str) -> str:

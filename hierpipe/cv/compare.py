@@ -1,9 +1,25 @@
-r"""Compare fits by their leave-one-group-out scores.
+r"""Compare fits by their cross-validation scores, one block of rows a target.
+
+Two prediction targets (column ``target``):
+
+``new_group``
+    leave-one-group-out (:mod:`hierpipe.cv.folds`): each group's observations
+    predicted as a new group's;
+``known_group``
+    within-group K-fold (:mod:`hierpipe.cv.kfold`): held-out observations of
+    groups the fit has seen; a group's score is the sum over its folds.
 
 For fit :math:`m` with per-group log predictive densities :math:`\ell_{mj}`,
 :math:`\mathrm{elpd}_m = \sum_j \ell_{mj}` with standard error
-:math:`\sqrt{J \operatorname{var}_j(\ell_{mj})}`; differences to the best fit use
-the paired per-group differences, as in Vehtari, Gelman & Gabry (2017, §5).
+:math:`\sqrt{J \operatorname{var}_j(\ell_{mj})}`; differences to the best fit of
+the same target use the paired per-group differences, as in Vehtari, Gelman &
+Gabry (2017, sec. 5). ``rmse`` is the root mean squared error of the predicted
+mean of the held-out observations (a group's, or a fold's block of a group's)
+and ``coverage90`` the share of those means inside their 90% predictive
+interval.
+
+Vehtari, A., Gelman, A. & Gabry, J. (2017). Practical Bayesian model evaluation
+using leave-one-out cross-validation and WAIC. *Statist. Comput.* 27, 1413-1432.
 """
 
 from __future__ import annotations
@@ -13,33 +29,70 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-COMPARISON_COLUMNS = ["fit", "groups", "elpd", "se", "elpd_diff", "se_diff", "rmse", "coverage90"]
+COMPARISON_COLUMNS = [
+    "target",
+    "fit",
+    "groups",
+    "elpd",
+    "se",
+    "elpd_diff",
+    "se_diff",
+    "rmse",
+    "coverage90",
+]
+TARGETS = ("new_group", "known_group")
 
 
-def compare(paths: Sequence[str]) -> pd.DataFrame:
-    """One row a fit, best elpd first."""
-    tables = {}
-    for p in paths:
-        t = pd.read_parquet(p)
-        tables[str(t["fit"].iloc[0]) if len(t) else p] = t.set_index("group")
-    elpd = pd.DataFrame({f: t["elpd"] for f, t in tables.items()})
+def _fit_name(t: pd.DataFrame, path: str) -> str:
+    return str(t["fit"].iloc[0]) if len(t) else str(path)
+
+
+def _block(target: str, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows of one target; ``tables`` has one row a scored unit and a ``group`` column."""
+    elpd = pd.DataFrame({f: t.groupby("group", sort=True)["elpd"].sum() for f, t in tables.items()})
     best = elpd.sum().idxmax()
     rows = []
     for f, t in tables.items():
-        j = len(t)
-        diff = elpd[f] - elpd[best]
+        per_group = elpd[f].dropna()
+        j = len(per_group)
+        diff = (elpd[f] - elpd[best]).dropna()
         rows.append(
             {
+                "target": target,
                 "fit": f,
                 "groups": float(j),
-                "elpd": float(t["elpd"].sum()),
-                "se": float(np.sqrt(j * t["elpd"].var(ddof=1))) if j > 1 else np.nan,
+                "elpd": float(per_group.sum()),
+                "se": float(np.sqrt(j * per_group.var(ddof=1))) if j > 1 else np.nan,
                 "elpd_diff": float(diff.sum()),
-                "se_diff": float(np.sqrt(j * diff.var(ddof=1))) if j > 1 else np.nan,
+                "se_diff": float(np.sqrt(len(diff) * diff.var(ddof=1)))
+                if len(diff) > 1
+                else np.nan,
                 "rmse": float(np.sqrt(np.mean(t["error"] ** 2))),
                 "coverage90": float(np.mean(t["covered"])),
             }
         )
     out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    out = out.sort_values(["elpd", "fit"], ascending=[False, True], kind="stable")
-    return out.reset_index(drop=True).astype({"fit": str})
+    return out.sort_values(["elpd", "fit"], ascending=[False, True], kind="stable")
+
+
+def compare(paths: Sequence[str], kfold_paths: Sequence[str] = ()) -> pd.DataFrame:
+    """One row a (target, fit): new-group rows first, then known-group; best elpd first."""
+    blocks = []
+    for target, files in zip(TARGETS, (paths, kfold_paths), strict=True):
+        tables = {}
+        for p in files:
+            t = pd.read_parquet(p)
+            tables[_fit_name(t, p)] = t
+        if tables:
+            blocks.append(_block(target, tables))
+    if not blocks:
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in COMPARISON_COLUMNS}).astype(
+            {"target": str, "fit": str}
+        )
+    out = pd.concat(blocks, ignore_index=True)
+    return out.reset_index(drop=True).astype({"target": str, "fit": str})
+
+
+def per_group_elpd(table: pd.DataFrame) -> pd.Series:
+    """A CV table's elpd summed by group (K-fold blocks add up to the group's)."""
+    return table.groupby("group", sort=True)["elpd"].sum()

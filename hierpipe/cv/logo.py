@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
+from hierpipe.cv.psis import weighted_quantile
+
 Z90 = 1.6448536269514722
 
 
@@ -71,24 +73,43 @@ class GroupScore:
 
 
 def score_group(
-    pred: Predictive, n: float, ybar: float, ss: float, rng: np.random.Generator
+    pred: Predictive,
+    n: float,
+    ybar: float,
+    ss: float,
+    rng: np.random.Generator,
+    log_weights: np.ndarray | None = None,
 ) -> GroupScore:
     """Log predictive density of the group and a 90% interval for its mean.
 
     With one set of hyperparameters the interval for :math:`\\bar y_j` is the
     normal :math:`\\mu \\pm 1.645\\sqrt{a + \\sigma^2/n}`; with draws it is
     the 5% and 95% quantiles of one simulated :math:`\\bar y_j` per draw.
+
+    ``log_weights`` (normalised, one a draw) turn the draws into a weighted
+    sample of another posterior, e.g. Pareto-smoothed importance weights for
+    leaving the group out (:mod:`hierpipe.cv.psis`): the density is then
+    :math:`\\log \\sum_s w_s p(y_j \\mid \\phi^{(s)})` and the mean and quantiles
+    are weighted.
     """
     mu, a, s2 = (
         np.atleast_1d(np.asarray(x, dtype=np.float64)) for x in (pred.mu, pred.a, pred.sigma2)
     )
     logp = group_log_density(n, ybar, ss, mu, a, s2)
-    elpd = float(logsumexp(logp) - np.log(logp.size))
     sd = np.sqrt(a + s2 / n)
-    if mu.size == 1:
+    if log_weights is not None:
+        lw = np.asarray(log_weights, dtype=np.float64)
+        elpd = float(logsumexp(logp + lw))
+        w = np.exp(lw)
+        sims = mu + sd * rng.standard_normal(mu.size)
+        centre = float(np.dot(w, mu) / w.sum())
+        lo, hi = (float(q) for q in weighted_quantile(sims, w, np.array([0.05, 0.95])))
+    elif mu.size == 1:
+        elpd = float(logp[0])
         centre = float(mu[0])
         lo, hi = centre - Z90 * float(sd[0]), centre + Z90 * float(sd[0])
     else:
+        elpd = float(logsumexp(logp) - np.log(logp.size))
         sims = mu + sd * rng.standard_normal(mu.size)
         centre = float(np.mean(mu))
         lo, hi = (float(q) for q in np.quantile(sims, [0.05, 0.95]))

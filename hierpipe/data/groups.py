@@ -23,6 +23,10 @@ class GroupStats:
     n: np.ndarray
     ybar: np.ndarray
     ss: np.ndarray
+    # Names for error messages: the file, the outcome column and the grouping factor.
+    source: str = "data"
+    response: str = "y"
+    group: str = "group"
 
     @property
     def n_groups(self) -> int:
@@ -49,6 +53,9 @@ class GroupStats:
             n=self.n[keep],
             ybar=self.ybar[keep],
             ss=self.ss[keep],
+            source=self.source,
+            response=self.response,
+            group=self.group,
         )
 
 
@@ -63,7 +70,14 @@ def group_stats(y: np.ndarray, codes: np.ndarray, labels: tuple[str, ...]) -> Gr
     """
     g = len(labels)
     n = np.bincount(codes, minlength=g).astype(np.float64)
-    ybar = np.bincount(codes, weights=y, minlength=g) / n
+    # Shift each group by its first value: deviations from a member are small, so
+    # the sums keep their precision at large offsets (values around 1e12), and a
+    # group whose values are all equal gets exactly that mean and S_j = 0, which
+    # the engines test for (zero within-group variance).
+    first = np.full(g, codes.size, dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(codes.size, dtype=np.int64))
+    shift = y[np.minimum(first, codes.size - 1)] if codes.size else np.zeros(g)
+    ybar = shift + np.bincount(codes, weights=y - shift[codes], minlength=g) / n
     ss = np.bincount(codes, weights=(y - ybar[codes]) ** 2, minlength=g)
     return GroupStats(labels=tuple(labels), n=n, ybar=ybar, ss=ss)
 

@@ -8,14 +8,25 @@ ingests cleanly also fits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
+from hierpipe.data.effect_sizes import add_effect_sizes
+from hierpipe.data.meta_input import study_order
 from hierpipe.design import build_design
 from hierpipe.errors import InputError
 from hierpipe.formula import parse_formula
 
 
-def ingest(df: pd.DataFrame, formula: str, *, columns: dict[str, str], source: str) -> pd.DataFrame:
+def ingest(
+    df: pd.DataFrame,
+    formula: str,
+    *,
+    columns: dict[str, str],
+    source: str,
+    effect_size: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Canonical table of ``df`` for ``formula``.
 
     Parameters
@@ -23,7 +34,12 @@ def ingest(df: pd.DataFrame, formula: str, *, columns: dict[str, str], source: s
     columns : mapping from a formula name to the file's column holding it
         (names not mapped are looked up as they are).
     source : the file's name, for error messages.
+    effect_size : optional ``data.effect_size`` of a meta-analysis: effect sizes
+        computed from the file's columns first
+        (:func:`hierpipe.data.effect_sizes.add_effect_sizes`).
     """
+    if effect_size:
+        df = add_effect_sizes(df, effect_size, source=source)
     for name, col in columns.items():
         if col not in df.columns:
             listed = ", ".join(map(str, df.columns))
@@ -33,7 +49,9 @@ def ingest(df: pd.DataFrame, formula: str, *, columns: dict[str, str], source: s
     renamed = df.rename(columns={v: k for k, v in columns.items()})
     parsed = parse_formula(formula)
     try:
-        build_design(parsed, renamed, source=source)
+        design = build_design(parsed, renamed, source=source)
+        if parsed.se_column is not None:
+            study_order(design)  # a meta-analysis: one row a study, at least two
     except InputError as exc:
         # The user knows their file's column names, not the formula's.
         message = str(exc)

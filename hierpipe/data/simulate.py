@@ -88,7 +88,83 @@ def two_level(
     return Simulated(data=data, truth=truth)
 
 
-DESIGNS = {"two_level": two_level}
+def slopes(
+    rng: np.random.Generator,
+    *,
+    groups: int = 40,
+    size: Any = 15,
+    b_intercept: float = 50.0,
+    b_slope: float = 4.0,
+    sd_intercept: float = 5.0,
+    sd_slope: float = 2.0,
+    cor: float = -0.4,
+    sigma: float = 8.0,
+    x_mean: float = 0.0,
+    x_sd: float = 1.0,
+    group: str = "school",
+    outcome: str = "score",
+    predictor: str = "ses",
+    prefix: str = "S",
+) -> Simulated:
+    r"""Correlated varying intercepts and slopes on one predictor.
+
+    .. math::
+        (a_j, s_j)^\top \sim N_2\!\left(0, \begin{pmatrix} \tau_0^2 & \rho\tau_0\tau_1 \\
+        \rho\tau_0\tau_1 & \tau_1^2\end{pmatrix}\right),\quad
+        x_{ij} \sim N(x_\text{mean}, x_\text{sd}^2),\quad
+        y_{ij} \sim N\big(\beta_0 + a_j + (\beta_1 + s_j)\,x_{ij},\ \sigma^2\big),
+
+    fitted by ``outcome ~ 1 + predictor + (1 + predictor | group)``. ``size``
+    is an int (balanced) or ``[lo, hi]`` (sizes uniform on lo..hi). The truth
+    holds ``b_Intercept``, ``b_<predictor>``, both ``sd_`` and the ``cor_``,
+    ``sigma`` and each group's ``r_`` and ``coef_`` for both coefficients.
+    """
+    if groups < 2:
+        raise ConfigError(f"design parameter 'groups' must be at least 2, got {groups}")
+    if sd_intercept < 0 or sd_slope < 0 or sigma <= 0 or x_sd <= 0:
+        raise ConfigError("design parameters need sd_intercept, sd_slope >= 0 and sigma, x_sd > 0")
+    if not -1.0 <= cor <= 1.0:
+        raise ConfigError(f"design parameter 'cor' must lie in [-1, 1], got {cor}")
+    if predictor in (group, outcome) or group == outcome:
+        raise ConfigError("design parameters group, outcome and predictor must be three names")
+    labels = group_labels(prefix, groups)
+    sizes = group_sizes(size, groups, rng)
+    # b = L e with L L' = Sigma written out, so cor = +-1 and zero SDs need no special case.
+    e = rng.standard_normal((groups, 2))
+    dev_a = sd_intercept * e[:, 0]
+    dev_s = sd_slope * (cor * e[:, 0] + np.sqrt(1.0 - cor**2) * e[:, 1])
+    codes = np.repeat(np.arange(groups), sizes)
+    x = x_mean + x_sd * rng.standard_normal(codes.size)
+    mean = b_intercept + dev_a[codes] + (b_slope + dev_s[codes]) * x
+    y = mean + sigma * rng.standard_normal(codes.size)
+    data = pd.DataFrame(
+        {
+            group: pd.Series(np.asarray(labels, dtype=object)[codes], dtype="string"),
+            predictor: x,
+            outcome: y,
+        }
+    )
+    g, c = group, predictor
+    rows = [
+        ("b_Intercept", b_intercept),
+        (f"b_{c}", b_slope),
+        (f"sd_{g}__Intercept", sd_intercept),
+        (f"sd_{g}__{c}", sd_slope),
+        (f"cor_{g}__Intercept__{c}", cor),
+        ("sigma", sigma),
+    ]
+    for lab, a, s in zip(labels, dev_a, dev_s, strict=True):
+        rows += [(f"r_{g}[{lab},Intercept]", a), (f"r_{g}[{lab},{c}]", s)]
+    for lab, a, s in zip(labels, dev_a, dev_s, strict=True):
+        rows += [
+            (f"coef_{g}[{lab},Intercept]", b_intercept + a),
+            (f"coef_{g}[{lab},{c}]", b_slope + s),
+        ]
+    truth = pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "float64"})
+    return Simulated(data=data, truth=truth)
+
+
+DESIGNS = {"two_level": two_level, "slopes": slopes}
 
 
 def simulate(design: str, rng: np.random.Generator, **params: Any) -> Simulated:

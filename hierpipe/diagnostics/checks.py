@@ -1,31 +1,56 @@
-"""Per-fit checks: shrinkage table, variance decomposition, predictions, flags.
+r"""Per-fit checks: shrinkage, predictive checks, residuals, convergence, flags.
 
-``shrinkage.parquet`` has one row a group: ``n``, the no-pooling estimate
-:math:`\\bar y_j`, the fit's estimate :math:`\\hat\\theta_j`, the population
-estimate :math:`\\hat\\beta_0`, and :math:`\\lambda_j`, the weight the fit puts on
-the group's own data in :math:`\\hat\\theta_j = \\lambda_j \\bar y_j + (1-\\lambda_j)
-\\hat\\beta_0` (1: no pooling, 0: complete pooling); ``shrinkage`` is
-:math:`1-\\lambda_j`. The sum of :math:`\\lambda_j` is the effective number of
-group parameters (Hodges & Sargent 2001).
+One diagnose job a fit reads the data once and writes to
+``results/{study}/diagnostics/{fit}/``:
+
+``shrinkage.parquet``
+    one row a group: ``n``, the no-pooling estimate :math:`\bar y_j`, the
+    fit's estimate :math:`\hat\theta_j`, the population estimate
+    :math:`\hat\beta_0`, and :math:`\lambda_j`, the weight the fit puts on
+    the group's own data in :math:`\hat\theta_j = \lambda_j \bar y_j +
+    (1-\lambda_j) \hat\beta_0` (1: no pooling, 0: complete pooling);
+    ``shrinkage`` is :math:`1-\lambda_j`. The sum of :math:`\lambda_j` is the
+    effective number of group parameters (Hodges & Sargent 2001). Where the
+    engine provides it, ``james_stein`` and ``js_shrinkage`` give the
+    James–Stein (or Efron–Morris) estimate and its :math:`B_j` beside them
+    (:mod:`hierpipe.diagnostics.shrinkage`).
+``ppc.parquet``, ``ppc_overall.parquet``
+    posterior (or parametric) predictive checks (:mod:`hierpipe.diagnostics.ppc`):
+    observed and replicated statistics with p-values; the overall statistics
+    of every replicate.
+``residuals.parquet``
+    observation-level Pearson residuals (:mod:`hierpipe.diagnostics.residuals`).
+``checks.json``
+    ICC, effective parameters, predictions, warnings, boundary and convergence
+    flags, the James–Stein facts, the PPC's extreme groups, and the checks the
+    engine does not provide (``skipped``).
+``convergence.parquet``, ``prior_predictive.parquet`` (samplers)
+    R-hat, bulk/tail ESS and MCSE of the mean and of the 5% and 95% quantiles
+    of every parameter; draws from the priors on the outcome's scale.
+
+A check the engine does not provide leaves its table with no rows, so the
+workflow's outputs are the same for every structure.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from hierpipe.diagnostics.convergence import (
-    ess_bulk,
-    ess_tail,
-    flag_convergence,
-    mcse_mean,
-    split_rhat,
+from hierpipe.diagnostics.ppc import (
+    empty_ppc,
+    observed_statistics,
+    overall_table,
+    ppc_table,
 )
+from hierpipe.diagnostics.residuals import empty_residuals
 from hierpipe.io import read_json, read_table, write_json, write_parquet
-from hierpipe.models.fitting import load_model
+from hierpipe.seeds import derive_rng
 
 HYPER_PATTERN = re.compile(r"^(b_|sd_|sigma$|cor_)")
 RHAT_MAX = 1.01
@@ -34,48 +59,181 @@ ESS_MIN = 400.0
 
 def hyper_flags(summary: pd.DataFrame) -> list[str]:
     """Hyperparameters with R-hat above 1.01 or bulk/tail ESS below 400 (Vehtari et al. 2021)."""
+    from hierpipe.diagnostics.convergence import flag_convergence
+
     if "rhat" not in summary.columns:
         return []
     hyper = [p for p in summary["parameter"] if HYPER_PATTERN.match(p)]
     return flag_convergence(summary, hyper, rhat_max=RHAT_MAX, ess_min=ESS_MIN)
 
 
-def diagnose_fit(data: str | Path, formula: str, fit_dir: Path, out_dir: Path) -> None:
-    """Write ``shrinkage.parquet`` and ``checks.json`` for one fit."""
-    model = load_model(read_table(data), formula, str(data))
+def diagnose_fit(
+    data: str | Path,
+    formula: str,
+    fit_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int = 42,
+    keys: Sequence[str] = (),
+) -> None:
+    """Write one fit's diagnostics (module docstring); samplers are fits with ``draws.parquet``.
+
+    ``seed`` and ``keys`` (study, fit) derive the generators of the replicates
+    and the prior draws.
+    """
+    from hierpipe.cv.kfold import model_and_design
+
+    model, design = model_and_design(read_table(data), formula, str(data))
     summary = pd.read_parquet(fit_dir / "summary.parquet")
     info = read_json(fit_dir / "fit.json")
-    group = model.structure.group
-    table = model.engine.shrinkage(model.prepared, model.structure, summary, info)
-    est = summary.set_index("parameter")
-    icc = est.loc[f"icc_{group}"].to_dict() if f"icc_{group}" in est.index else None
+    draws_path = fit_dir / "draws.parquet"
+    draws = pd.read_parquet(draws_path) if draws_path.exists() else None
+    skipped: list[str] = []
+    table, js_facts = shrinkage_table(model, summary, info, skipped)
+    ppc, overall, ppc_facts = predictive_checks(model, design, summary, draws, seed, keys, skipped)
+    resid = residual_check(model, design, summary, skipped)
     checks = {
         "method": info.get("method"),
-        "icc": icc,
+        "icc": _icc(summary, model.structure.group),
         "effective_parameters": float(np.nansum(table["weight"])),
         "groups": len(table),
         "predictions": info.get("predictions", []),
         "warnings": info.get("warnings", []),
         "boundary": info.get("boundary", []),
         "convergence_flags": hyper_flags(summary),
+        "james_stein": js_facts,
+        "ppc": ppc_facts,
+        "skipped": skipped,
     }
+    if draws is not None:
+        write_parquet(convergence_table(draws), out_dir / "convergence.parquet")
+        prior = prior_check(model, info, seed, keys, skipped)
+        write_parquet(prior, out_dir / "prior_predictive.parquet")
     write_parquet(table, out_dir / "shrinkage.parquet")
+    write_parquet(ppc, out_dir / "ppc.parquet")
+    write_parquet(overall, out_dir / "ppc_overall.parquet")
+    write_parquet(resid, out_dir / "residuals.parquet")
     write_json(checks, out_dir / "checks.json")
 
 
-def convergence_table(draws_path: Path) -> pd.DataFrame:
-    """R-hat, bulk/tail ESS and MCSE of every parameter in a draws table."""
-    draws = pd.read_parquet(draws_path)
+def _icc(summary: pd.DataFrame, group: str) -> dict[str, float] | None:
+    est = summary.set_index("parameter")
+    return est.loc[f"icc_{group}"].to_dict() if f"icc_{group}" in est.index else None
+
+
+def shrinkage_table(
+    model: Any, summary: pd.DataFrame, info: dict[str, Any], skipped: list[str]
+) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """The engine's shrinkage table with the James–Stein columns beside it when available."""
+    engine = model.engine
+    table = engine.shrinkage(model.prepared, model.structure, summary, info)
+    js = None
+    if hasattr(engine, "james_stein_table"):
+        js = engine.james_stein_table(model.prepared, model.structure)
+        if js is None:
+            skipped.append("james_stein: no within-group replication to estimate sigma^2")
+    else:
+        skipped.append("james_stein: not provided for this model structure")
+    if js is None:
+        table["james_stein"] = np.nan
+        table["js_shrinkage"] = np.nan
+        return table, None
+    js_table, facts = js
+    merged = table.merge(js_table, on="group", how="left", validate="one_to_one")
+    return merged, facts
+
+
+def predictive_checks(
+    model: Any,
+    design: Any,
+    summary: pd.DataFrame,
+    draws: pd.DataFrame | None,
+    seed: int,
+    keys: Sequence[str],
+    skipped: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any] | None]:
+    """PPC tables and the facts checks.json reports (extreme groups, overall p-values)."""
+    engine = model.engine
+    if not hasattr(engine, "ppc_replicates"):
+        skipped.append("ppc: not provided for this model structure")
+        return (*empty_ppc(), None)
+    term = design.random[0]
+    observed = observed_statistics(design.y, term.codes, len(term.labels))
+    rng = derive_rng(seed, *keys, "ppc")
+    reps = engine.ppc_replicates(model.prepared, model.structure, summary, draws, rng)
+    table = ppc_table(observed, reps, term.labels)
+    groups = table[table["scope"] == "group"]
+    extreme = groups[groups["extreme"]]
+    overall = table[table["scope"] == "overall"].set_index("statistic")["p_value"]
+    facts = {
+        "note": reps.note,
+        "replicates": int(next(iter(reps.overall.values())).size),
+        "overall_p": {k: float(v) for k, v in overall.items()},
+        "extreme": [
+            {"group": r.group, "statistic": r.statistic, "p_value": float(r.p_value)}
+            for r in extreme.itertuples(index=False)
+        ],
+        "p_values": int(groups["p_value"].notna().sum()),
+    }
+    return table, overall_table(reps), facts
+
+
+def residual_check(
+    model: Any, design: Any, summary: pd.DataFrame, skipped: list[str]
+) -> pd.DataFrame:
+    if not hasattr(model.engine, "residuals"):
+        skipped.append("residuals: not provided for this model structure")
+        return empty_residuals()
+    return model.engine.residuals(design, model.prepared, model.structure, summary)
+
+
+def prior_check(
+    model: Any, info: dict[str, Any], seed: int, keys: Sequence[str], skipped: list[str]
+) -> pd.DataFrame:
+    """Draws from the sampler's priors (zero rows when the engine or fit has none)."""
+    prior = None
+    if hasattr(model.engine, "prior_predictive"):
+        rng = derive_rng(seed, *keys, "prior_predictive")
+        prior = model.engine.prior_predictive(model.prepared, model.structure, info, rng)
+    if prior is None:
+        skipped.append("prior_predictive: no priors recorded for this fit")
+        return pd.DataFrame({"draw": pd.Series(dtype=np.int64)})
+    return prior
+
+
+def convergence_table(draws: pd.DataFrame | Path) -> pd.DataFrame:
+    """R-hat, bulk/tail ESS and MCSE of the mean, 5% and 95% quantiles, every parameter.
+
+    All from :mod:`hierpipe.diagnostics.convergence` (Vehtari et al. 2021), one
+    batch over the parameters; ``mcse_q5``/``mcse_q95`` are the MCSEs of the
+    quantiles that bound the summary's 90% intervals.
+    """
+    from hierpipe.diagnostics.convergence import (
+        ess_bulk,
+        ess_tail,
+        mcse_mean,
+        mcse_quantile,
+        split_rhat,
+    )
+
+    if not isinstance(draws, pd.DataFrame):
+        draws = pd.read_parquet(draws)
     params = [c for c in draws.columns if c not in ("chain", "draw")]
     chains = int(draws["chain"].max()) + 1
     x = draws[params].to_numpy(dtype=np.float64).reshape(chains, -1, len(params))
+
+    def column(values: Any) -> np.ndarray:
+        return np.atleast_1d(np.asarray(values, dtype=np.float64))
+
     return pd.DataFrame(
         {
             "parameter": pd.Series(params, dtype=str),
-            "rhat": np.asarray(split_rhat(x), dtype=np.float64),
-            "ess_bulk": np.asarray(ess_bulk(x), dtype=np.float64),
-            "ess_tail": np.asarray(ess_tail(x), dtype=np.float64),
-            "mcse_mean": np.asarray(mcse_mean(x), dtype=np.float64),
+            "rhat": column(split_rhat(x)),
+            "ess_bulk": column(ess_bulk(x)),
+            "ess_tail": column(ess_tail(x)),
+            "mcse_mean": column(mcse_mean(x)),
+            "mcse_q5": column(mcse_quantile(x, 0.05)),
+            "mcse_q95": column(mcse_quantile(x, 0.95)),
             "hyperparameter": [bool(HYPER_PATTERN.match(p)) for p in params],
         }
     )

@@ -8,73 +8,94 @@ Model (brms names in brackets)
         \qquad i = 1..n_j,\ j = 1..J, \\
     \theta_j &= \mu + r_j, \qquad r_j \mid \tau \sim \mathcal N(0, \tau^2), \\
     \mu &\sim \text{flat} \ \text{or}\ \mathcal N(m_0, s_0^2), \\
-    \tau,\ \sigma &\sim \text{half-Cauchy}(A_\tau),\ \text{half-Cauchy}(A_\sigma)
-        \ \text{or}\ \tau^2, \sigma^2 \sim \text{Inv-Gamma}(\alpha, \beta),
+    \tau &\sim C^+(0, A_\tau)\ \text{or}\ \tau^2 \sim \text{IG}(\alpha_\tau, \beta_\tau),
+    \qquad \sigma \sim C^+(0, A_\sigma)\ \text{or}\ \sigma^2 \sim
+    \text{IG}(\alpha_\sigma, \beta_\sigma),
 
 with :math:`\mu` = ``b_Intercept``, :math:`\tau` = ``sd_<group>__Intercept``,
 :math:`\sigma` = ``sigma``, :math:`\theta_j` = ``coef_<group>[j,Intercept]`` and
-:math:`r_j` = ``r_<group>[j,Intercept]``. The likelihood depends on the data only
-through :math:`n_j`, :math:`\bar y_j` and :math:`SSW = \sum_{ij} (y_{ij} - \bar
-y_j)^2`:
+:math:`r_j` = ``r_<group>[j,Intercept]``. The data enter only through
+:math:`n_j`, :math:`\bar y_j` and :math:`SSW = \sum_{ij}(y_{ij} - \bar y_j)^2`:
 
 .. math::
 
     p(y \mid \theta, \sigma) \propto \sigma^{-N}
     \exp\Big\{-\frac{SSW + \sum_j n_j (\bar y_j - \theta_j)^2}{2\sigma^2}\Big\},
 
-so one iteration costs :math:`O(J)` whatever :math:`N = \sum_j n_j` is.
+so an iteration costs :math:`O(J)` whatever :math:`N = \sum_j n_j` is. Half-Cauchy
+priors are sampled through the auxiliary-variable representation of Makalic &
+Schmidt (2016): :math:`\sigma^2 \mid b \sim \text{IG}(1/2, 1/b)`, :math:`b \sim
+\text{IG}(1/2, 1/A^2)` gives :math:`\sigma \sim C^+(0, A)` and conjugate
+inverse-gamma full conditionals.
 
-Half-Cauchy priors use the auxiliary-variable representation of Makalic &
-Schmidt (2016): :math:`\tau^2 \mid a \sim \text{IG}(1/2, 1/a)`, :math:`a \sim
-\text{IG}(1/2, 1/A^2)` gives :math:`\tau \sim C^+(0, A)`, and every full
-conditional is inverse-gamma.
+Schemes (all chains advance together; chains are the leading array axis)
+------------------------------------------------------------------------
+``"collapsed"`` (default). Per iteration:
 
-One iteration (all chains at once; chains are the leading array axis)
----------------------------------------------------------------------
-1. :math:`\theta_j \mid \mu,\tau,\sigma,y \sim \mathcal N(v_j (n_j \bar y_j/\sigma^2
+1. :math:`\tau \mid \sigma, y` with :math:`\mu` and :math:`\theta` integrated out, by
+   slice sampling (Neal 2003, stepping out and shrinkage) on the exact
+   marginal density
+
+   .. math::
+
+       p(\tau \mid \sigma, y) \propto p(\tau) \prod_j V_j^{-1/2}\, P^{-1/2}
+       \exp\Big\{-\tfrac12\Big(\sum_j \frac{(\bar y_j - \hat\mu)^2}{V_j}
+       + \frac{(m_0 - \hat\mu)^2}{s_0^2}\Big)\Big\},\quad
+       V_j = \tau^2 + \frac{\sigma^2}{n_j},\ P = \sum_j V_j^{-1} + s_0^{-2},
+
+   :math:`\hat\mu = (\sum_j \bar y_j/V_j + m_0/s_0^2)/P` (flat prior:
+   :math:`s_0^{-2} = 0`). Groups of equal size share :math:`V_j`, so one density
+   evaluation costs :math:`O(K)`, :math:`K \le J` the number of distinct sizes.
+2. :math:`\mu \mid \tau, \sigma, y \sim \mathcal N(\hat\mu, 1/P)`.
+3. :math:`\theta_j \mid \mu,\tau,\sigma,y \sim \mathcal N(v_j (n_j \bar y_j/\sigma^2
    + \mu/\tau^2), v_j)`, :math:`v_j = (n_j/\sigma^2 + 1/\tau^2)^{-1}`.
-2. :math:`b \mid \sigma \sim \text{IG}(1, 1/A_\sigma^2 + 1/\sigma^2)`, then
-   :math:`\sigma^2 \mid \theta, b \sim \text{IG}((N+1)/2, S_w/2 + 1/b)` with
+4. :math:`b \mid \sigma \sim \text{IG}(1, 1/A_\sigma^2 + 1/\sigma^2)`, then
+   :math:`\sigma^2 \mid \theta, b \sim \text{IG}((N+1)/2, S_w/2 + 1/b)`,
    :math:`S_w = SSW + \sum_j n_j(\bar y_j - \theta_j)^2` (inverse-gamma prior:
    :math:`\text{IG}(\alpha + N/2, \beta + S_w/2)`).
-3. Sufficient-augmentation (centred) step for :math:`(\mu, \tau)` given
-   :math:`\theta`: :math:`\mu \mid \theta, \tau` normal; :math:`a \mid \tau`, then
-   :math:`\tau^2 \mid \theta, \mu, a \sim \text{IG}((J+1)/2, S_\theta/2 + 1/a)`.
-4. Ancillary-augmentation (non-centred) step: with :math:`\eta_j = (\theta_j -
-   \mu)/\tau` held fixed, :math:`\bar y_j \sim \mathcal N(\mu + \tau\eta_j,
-   \sigma^2/n_j)` is a linear regression in :math:`(\mu, \tau)`. Propose
-   :math:`(\mu', \tau')` from its Gaussian posterior under the :math:`\mu` prior and
-   a flat prior on a *signed* :math:`\tau` (an independence proposal), accept with
-   probability :math:`\min\{1, p_\tau(|\tau'|)/p_\tau(\tau)\}`, and map back by
-   :math:`\theta' = \mu' + \tau'\eta`, :math:`\tau \leftarrow |\tau'|`.
 
-Steps 3 and 4 are the ancillarity-sufficiency interweaving strategy (ASIS) of
-Yu & Meng (2011): the centred step mixes well when the data are strong (large
-:math:`n_j\tau^2/\sigma^2`), the non-centred one when they are weak (small
-:math:`\tau`, small groups), and interweaving them is at least as good as the
-better of the two (Papaspiliopoulos, Roberts & Sköld 2007). Step 4 samples in the
-sign-symmetric extension of the non-centred model, :math:`\tau \in \mathbb R` with
-:math:`p(\tau) = p(-\tau)`, in which :math:`(\tau, \eta) \mapsto (-\tau, -\eta)`
-leaves the posterior unchanged (Frühwirth-Schnatter & Wagner 2010). Because the
-proposal and the acceptance ratio are equivariant under that flip, folding
-:math:`\tau' \mapsto |\tau'|` (with :math:`\eta \mapsto \text{sign}(\tau')\eta`)
-after the Metropolis-Hastings step leaves the original posterior invariant; it
-needs no truncated-normal draw, and the acceptance ratio involves only the
-prior of :math:`\tau`, which is bounded for the half-Cauchy, so acceptance is
-close to one unless the prior scale is small compared with the posterior of
-:math:`\tau`.
+Steps 1-3 draw :math:`(\tau, \mu, \theta)` jointly given :math:`\sigma`, so the
+sampler is a two-block Gibbs sampler whose mixing does not depend on whether
+the groups are informative: it needs neither centring nor non-centring.
 
-The auxiliaries :math:`a, b` are redrawn from their full conditionals right
-before each use, so they are not part of the state and the MH step in 4 targets
-the half-Cauchy marginal directly.
+``"asis"``. Steps 3 and 4, then the centred (sufficient-augmentation) update of
+:math:`(\mu, \tau)` given :math:`\theta` (:math:`\mu \mid \theta, \tau` normal;
+:math:`a \mid \tau`; :math:`\tau^2 \mid \theta, \mu, a \sim \text{IG}((J+1)/2,
+S_\theta/2 + 1/a)`), then the non-centred (ancillary-augmentation) update with
+:math:`\eta_j = (\theta_j - \mu)/\tau` fixed: :math:`\bar y_j \sim \mathcal N(\mu +
+\tau\eta_j, \sigma^2/n_j)` is a linear regression in :math:`(\mu, \tau)`; propose
+:math:`(\mu', \tau')` from its Gaussian posterior with a flat prior on a *signed*
+:math:`\tau`, accept with probability :math:`\min\{1, p_\tau(|\tau'|)/p_\tau(\tau)\}`
+and fold :math:`\tau \leftarrow |\tau'|`, :math:`\theta' = \mu' + \tau'\eta`. This is
+the interweaving strategy (ASIS) of Yu & Meng (2011). The fold is valid because
+the sign-symmetric extension :math:`\tau \in \mathbb R`, :math:`p(\tau) = p(-\tau)`
+leaves the posterior invariant under :math:`(\tau, \eta) \mapsto (-\tau, -\eta)`
+(Frühwirth-Schnatter & Wagner 2010) and the proposal and acceptance ratio are
+equivariant under it. ASIS mixes :math:`\tau` well when the groups are
+informative, but with :math:`\kappa_j = n_j\tau^2/(n_j\tau^2 + \sigma^2)` the
+fractions of missing information for :math:`\tau` of the centred and non-centred
+schemes are about :math:`1 - \overline{\kappa^2}` and :math:`1 - \overline{2\kappa(1-\kappa)}`
+(Papaspiliopoulos, Roberts & Sköld 2007), so when every group is weak
+(:math:`\kappa \to 0`) both, and hence their interweaving, approach 1; with many
+groups that regime is common, which is why ``"collapsed"`` is the default.
 
-Random numbers are drawn in blocks, one child generator per stream (theta
-normals, scalar normals, the two gamma streams, exponentials, uniforms), so the
-draws do not depend on the block size (memory), and the pure-numpy and numba
-back ends consume identical variates and agree up to rounding.
+``"centred"``. ASIS without the non-centred step: the textbook Gibbs sampler,
+for comparison only.
+
+Random numbers are drawn in blocks, one child generator per stream, so the
+draws do not depend on the block size, and the pure-numpy and the optional
+numba back ends consume identical variates and agree up to rounding. The slice
+sampler's shrinkage uniforms come from a buffered stream that both back ends
+consume in the same order (one uniform a chain a shrinkage round, all chains in
+lockstep). Slice widths adapt (per chain) during warm-up only: at warm-up
+iterations 25, 50, 100, ... the width becomes 2.5 times the SD of that chain's
+:math:`\tau` draws in the window just ended; after warm-up it is fixed, so the
+kept draws come from a fixed Markov kernel.
 
 References
 ----------
+Neal, R. M. (2003). Slice sampling. *Ann. Statist.* 31(3), 705-767.
+
 Yu, Y. & Meng, X.-L. (2011). To center or not to center: that is not the
 question — an ancillarity-sufficiency interweaving strategy (ASIS) for boosting
 MCMC efficiency. *J. Comput. Graph. Statist.* 20(3), 531-570.
@@ -116,10 +137,21 @@ __all__ = [
     "numba_available",
 ]
 
+Scheme = Literal["collapsed", "asis", "centred"]
+Backend = Literal["numpy", "numba"]
+_SCHEMES = ("centred", "asis", "collapsed")  # index = code used by the kernels
+
 # Target size (float64 elements) of one block of pre-drawn theta normals; the
 # draws do not depend on it, only memory and speed do.
 _BLOCK_ELEMENTS = 1 << 18
 _MAX_BLOCK_ITERATIONS = 1024
+# Slice sampler: stepping out is limited to _SLICE_M widths (Neal 2003, Fig. 3;
+# valid for any limit); more than _SLICE_MAX_ROUNDS shrinkage rounds in one
+# iteration can only mean a non-finite log density, and is reported as an error.
+_SLICE_M = 64
+_SLICE_MAX_ROUNDS = 256
+_SLICE_WIDTH_FACTOR = 2.5
+_ADAPT_FIRST = 25
 
 
 # --------------------------------------------------------------------------- priors
@@ -148,10 +180,7 @@ class Normal:
 
 @dataclass(frozen=True)
 class HalfCauchy:
-    r"""Half-Cauchy prior :math:`C^+(0, \text{scale})` on a standard deviation.
-
-    Sampled through the Makalic & Schmidt (2016) inverse-gamma mixture.
-    """
+    r"""Half-Cauchy prior :math:`C^+(0, \text{scale})` on a standard deviation."""
 
     scale: float
 
@@ -186,7 +215,7 @@ InterceptPrior = Flat | Normal
 
 @dataclass(frozen=True)
 class Priors:
-    """Priors of the two-level model; the scales are chosen by the caller.
+    """Priors of the two-level model; the scales are the caller's choice.
 
     Attributes
     ----------
@@ -216,8 +245,8 @@ class GibbsSettings:
     ----------
     chains, warmup, draws, thin : ``chains`` chains each run ``warmup + draws *
         thin`` iterations and keep every ``thin``-th after warm-up.
-    interweave : run the ancillary (non-centred) step 4 (ASIS); ``False`` gives
-        the plain centred Gibbs sampler (for comparison only).
+    scheme : ``"collapsed"`` (default), ``"asis"`` or ``"centred"``; see the
+        module docstring.
     sigma_fixed : if given, ``sigma`` is known and held at this value (the
         known-standard-error model with ``se_j = sigma / sqrt(n_j)``).
     backend : ``"numpy"`` (default, no extra dependency) or ``"numba"`` (a
@@ -228,9 +257,9 @@ class GibbsSettings:
     warmup: int = 1000
     draws: int = 1000
     thin: int = 1
-    interweave: bool = True
+    scheme: Scheme = "collapsed"
     sigma_fixed: float | None = None
-    backend: Literal["numpy", "numba"] = "numpy"
+    backend: Backend = "numpy"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description for ``fit.json``."""
@@ -248,18 +277,18 @@ class TwoLevelDraws:
     ----------
     b_Intercept, sd, sigma : arrays of shape ``(C, D)``.
     theta : group means (``coef``), shape ``(C, D, J)``.
-    accept_rate : acceptance rate of the ancillary MH step per chain over the
-        kept iterations, shape ``(C,)`` (NaN without interweaving).
     settings, priors : what produced the draws.
+    stats : JSON-able sampler statistics (slice widths and density evaluations
+        per iteration, or the acceptance rate of the ASIS ancillary step).
     """
 
     b_Intercept: np.ndarray
     sd: np.ndarray
     sigma: np.ndarray
     theta: np.ndarray
-    accept_rate: np.ndarray
     settings: GibbsSettings
     priors: Priors
+    stats: dict[str, Any]
 
     @cached_property
     def r(self) -> np.ndarray:
@@ -267,15 +296,12 @@ class TwoLevelDraws:
         return self.theta - self.b_Intercept[:, :, None]
 
     def info(self) -> dict[str, Any]:
-        """JSON-able facts for ``fit.json``: sampler, settings, priors, acceptance."""
+        """JSON-able facts for ``fit.json``: sampler, settings, priors, statistics."""
         return {
             "sampler": "gibbs_two_level",
-            "scheme": "ASIS (centred + non-centred interweaving)"
-            if self.settings.interweave
-            else "centred Gibbs",
             "settings": self.settings.to_dict(),
             "priors": self.priors.to_dict(),
-            "ancillary_accept_rate": [float(a) for a in self.accept_rate],
+            "stats": self.stats,
         }
 
 
@@ -283,11 +309,13 @@ class TwoLevelDraws:
 
 
 class _Data:
-    """Sufficient statistics with a leading data axis of length 1 or C.
+    """Sufficient statistics with a leading data axis of length B = 1 or C.
 
-    With one data set (``B == 1``) the weighted sums over groups are matrix-vector
-    products against stacked ``(J, 2)`` weight matrices (one BLAS call for two
-    sums); with one data set a chain (``B == C``) they are row-wise ``einsum``.
+    With one data set the weighted sums over groups are matrix-vector products
+    against stacked weight matrices (one BLAS call for several sums); with one
+    data set a chain they are row-wise ``einsum``. The table of distinct group
+    sizes (``ks``, counts and sums of centred means per size, padded with zero
+    counts to a common length) serves the collapsed density.
     """
 
     def __init__(self, n: np.ndarray, ybar: np.ndarray, ssw: np.ndarray, chains: int) -> None:
@@ -301,10 +329,40 @@ class _Data:
         self.N = np.broadcast_to(self.n.sum(axis=1), shape).copy()
         self.Y = np.broadcast_to(self.nybar.sum(axis=1), shape).copy()
         self.ssw = np.broadcast_to(np.asarray(ssw, dtype=np.float64).reshape(-1), shape).copy()
+        self.dof = self.N - self.J  # degrees of freedom of SSW
+        # Centre for the collapsed density: the n-weighted grand mean.
+        self.y0 = self.Y / self.N
         if self.B == 1:
             self._n = self.n[0]
             self._ones_n = np.stack([np.ones(self.J), self.n[0]], axis=1)
             self._n_nybar = np.stack([self.n[0], self.nybar[0]], axis=1)
+        rows = []
+        for b in range(self.B):
+            ks, inv = np.unique(self.n[b], return_inverse=True)
+            yc = self.ybar[b] - self.y0[b]
+            rows.append(
+                (
+                    ks,
+                    np.bincount(inv).astype(np.float64),
+                    np.bincount(inv, weights=yc),
+                    np.bincount(inv, weights=yc * yc),
+                )
+            )
+        K = max(len(r[0]) for r in rows)
+        self.K = K
+        self.inv_ks = np.ones((self.B, K))
+        self.cnt = np.zeros((self.B, K))
+        self.s1 = np.zeros((self.B, K))
+        self.s2 = np.zeros((self.B, K))
+        for b, (ks, cnt, s1, s2) in enumerate(rows):
+            m = len(ks)
+            self.inv_ks[b, :m] = 1.0 / ks
+            self.cnt[b, :m] = cnt
+            self.s1[b, :m] = s1
+            self.s2[b, :m] = s2
+        self.tab = np.stack([self.cnt[0], self.s1[0], self.s2[0]], axis=1) if self.B == 1 else None
+        # Centred prior mean of b_Intercept, c0 = m0 - y0 (set when the prior is normal).
+        self.c0 = np.zeros(chains)
 
     def ndot(self, x: np.ndarray) -> np.ndarray:
         """Row sums ``sum_j n_j x[c, j]``."""
@@ -326,6 +384,25 @@ class _Data:
             return s[:, 0], s[:, 1]
         return np.einsum("cj,cj->c", x, self.n), np.einsum("cj,cj->c", x, self.nybar)
 
+    def size_table_sums(self, w: np.ndarray) -> np.ndarray:
+        """``sum_k w[c, k] * (cnt_k, s1_k, s2_k)`` per chain as columns of a (C, 3) array."""
+        if self.B == 1:
+            return w @ self.tab
+        return np.stack(
+            [
+                np.einsum("ck,ck->c", w, self.cnt),
+                np.einsum("ck,ck->c", w, self.s1),
+                np.einsum("ck,ck->c", w, self.s2),
+            ],
+            axis=1,
+        )
+
+    def count_dot(self, x: np.ndarray) -> np.ndarray:
+        """``sum_k cnt_k x[c, k]``."""
+        if self.B == 1:
+            return x @ self.cnt[0]
+        return np.einsum("ck,ck->c", x, self.cnt)
+
 
 def _validate(n: Any, ybar: Any, ssw: Any) -> tuple[np.ndarray, np.ndarray, float]:
     n_arr = np.asarray(n)
@@ -333,9 +410,7 @@ def _validate(n: Any, ybar: Any, ssw: Any) -> tuple[np.ndarray, np.ndarray, floa
     if n_arr.ndim != 1 or y_arr.ndim != 1:
         raise InputError("gibbs_two_level: n and ybar must be one-dimensional (one entry a group)")
     if n_arr.shape != y_arr.shape:
-        raise InputError(
-            f"gibbs_two_level: n has {n_arr.size} groups but ybar has {y_arr.size}"
-        )
+        raise InputError(f"gibbs_two_level: n has {n_arr.size} groups but ybar has {y_arr.size}")
     if n_arr.size < 2:
         raise InputError(f"gibbs_two_level: need at least two groups, got {n_arr.size}")
     try:
@@ -348,7 +423,7 @@ def _validate(n: Any, ybar: Any, ssw: Any) -> tuple[np.ndarray, np.ndarray, floa
     if bad.size:
         j = int(bad[0])
         raise InputError(
-            f"gibbs_two_level: group count n must be a positive integer; group index {j} "
+            f"gibbs_two_level: group size n must be a positive integer; group index {j} "
             f"has n = {n_arr[j]!r}"
         )
     bad = np.flatnonzero(~np.isfinite(y_f))
@@ -362,9 +437,12 @@ def _validate(n: Any, ybar: Any, ssw: Any) -> tuple[np.ndarray, np.ndarray, floa
     return n_f, y_f, ssw_f
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"gibbs_two_level: {name} must be a positive finite number, got {value!r}")
+def _check_positive(name: str, value: Any) -> None:
+    ok = isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"gibbs_two_level: {name} must be a positive finite number, got {value!r}"
+        )
 
 
 def _validate_config(priors: Priors, settings: GibbsSettings) -> None:
@@ -383,116 +461,33 @@ def _validate_config(priors: Priors, settings: GibbsSettings) -> None:
             raise ConfigError("gibbs_two_level: prior b_Intercept mean must be finite")
     elif not isinstance(b, Flat):
         raise ConfigError("gibbs_two_level: prior b_Intercept must be Flat or Normal")
-    for name in ("chains", "draws", "thin"):
+    for name, low in (("chains", 1), ("draws", 1), ("thin", 1), ("warmup", 0)):
         v = getattr(settings, name)
-        if not isinstance(v, int | np.integer) or v < 1:
-            raise ConfigError(f"gibbs_two_level: {name} must be an integer >= 1, got {v!r}")
-    if not isinstance(settings.warmup, int | np.integer) or settings.warmup < 0:
-        raise ConfigError(f"gibbs_two_level: warmup must be an integer >= 0, got {settings.warmup!r}")
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+            raise ConfigError(f"gibbs_two_level: {name} must be an integer >= {low}, got {v!r}")
     if settings.sigma_fixed is not None:
         _check_positive("sigma_fixed", settings.sigma_fixed)
+    if settings.scheme not in _SCHEMES:
+        raise ConfigError(
+            f"gibbs_two_level: scheme must be one of {', '.join(_SCHEMES)}, got {settings.scheme!r}"
+        )
     if settings.backend not in ("numpy", "numba"):
         raise ConfigError(
             f"gibbs_two_level: backend must be 'numpy' or 'numba', got {settings.backend!r}"
         )
 
 
-# --------------------------------------------------------------------------- initial values
-
-
-def _initial_values(
-    d: _Data, chains: int, sigma_fixed: float | None, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dispersed starting values ``(mu, tau^2, sigma^2)``, each of shape ``(C,)``.
-
-    ``mu`` starts at the weighted grand mean plus one between-group SD times a
-    standard normal (about sqrt(J) posterior SDs), ``tau`` at the between-group
-    SD of the means times a log-uniform factor in [e^-2.5, e^1] (so some chains
-    start near zero, the centred sampler's sticking point) and ``sigma`` at the
-    pooled within-group SD times a log-uniform factor in [1/2, 2].
-    """
-    z = rng.standard_normal(chains)
-    u = rng.random((chains, 2))
-    J = d.J
-    grand = d.Y / d.N
-    spread = np.sqrt(np.sum((d.ybar - d.ybar.mean(axis=1, keepdims=True)) ** 2, axis=1) / (J - 1))
-    dof = d.N - J
-    with np.errstate(divide="ignore", invalid="ignore"):
-        within = np.where((dof > 0) & (d.ssw > 0), np.sqrt(d.ssw / np.maximum(dof, 1)), np.nan)
-    # Fallbacks keep every start positive and finite for degenerate inputs
-    # (all groups of size one, or identical means).
-    within = np.where(np.isfinite(within), within, np.where(spread > 0, spread, 1.0))
-    scale = np.where(spread > 0, spread, within / np.sqrt(d.N / J))
-    mu0 = grand + scale * z
-    tau0 = scale * np.exp(-2.5 + 3.5 * u[:, 0])
-    if sigma_fixed is None:
-        sigma0 = within * np.exp(math.log(2.0) * (2.0 * u[:, 1] - 1.0))
-    else:
-        sigma0 = np.full(chains, float(sigma_fixed))
-    shape = (chains,)
-    return (
-        np.broadcast_to(mu0, shape).astype(np.float64),
-        np.broadcast_to(tau0**2, shape).astype(np.float64),
-        np.broadcast_to(sigma0**2, shape).astype(np.float64),
-    )
-
-
-# --------------------------------------------------------------------------- variates
-
-
-class _Variates:
-    """Pre-drawn random variates in blocks, one child generator per stream."""
-
-    def __init__(
-        self,
-        rng: np.random.Generator,
-        chains: int,
-        J: int,
-        shape_tau: np.ndarray,
-        shape_sigma: np.ndarray | None,
-    ) -> None:
-        (
-            self._g_theta,
-            self._g_normal,
-            self._g_gamma_tau,
-            self._g_gamma_sigma,
-            self._g_exp,
-            self._g_unif,
-        ) = rng.spawn(6)
-        self.C = chains
-        self.J = J
-        self.shape_tau = shape_tau
-        self.shape_sigma = shape_sigma
-
-    def block(self, K: int) -> dict[str, np.ndarray]:
-        C, J = self.C, self.J
-        out = {
-            "z_theta": self._g_theta.standard_normal((K, C, J)),
-            # columns: mu (centred step), tau (ancillary), mu (ancillary)
-            "z": self._g_normal.standard_normal((K, C, 3)),
-            "g_tau": self._g_gamma_tau.standard_gamma(self.shape_tau, size=(K, C)),
-            # columns: a (tau auxiliary), b (sigma auxiliary)
-            "e": self._g_exp.standard_exponential((K, C, 2)),
-            "logu": np.log(self._g_unif.random((K, C))),
-        }
-        if self.shape_sigma is not None:
-            out["g_sigma"] = self._g_gamma_sigma.standard_gamma(self.shape_sigma, size=(K, C))
-        else:
-            out["g_sigma"] = np.ones((K, C))
-        return out
-
-
-# --------------------------------------------------------------------------- prior codes
+# --------------------------------------------------------------------------- constants
 
 
 @dataclass(frozen=True)
 class _Consts:
-    """Scalar prior constants, in the form both back ends use.
+    """Prior constants and switches in the form both back ends use.
 
-    ``tau_hc``: 1 for half-Cauchy (extra = e / (1/t2 + inv_A2)), 0 for inverse
-    gamma (extra = beta). ``tau_logw_pow``/``tau_logw_beta``: log prior density of
-    tau (w.r.t. d tau) is ``-pow * log(tau) - beta / tau^2`` (inverse gamma) or
-    ``-log1p(tau^2 * inv_A2)`` (half-Cauchy).
+    Scale priors: ``*_hc`` is 1 for half-Cauchy (``*_inv_A2`` = 1/A^2) and 0 for
+    inverse gamma on the variance (``*_beta`` its scale, ``*_pow`` = 2 shape + 1,
+    the power in the density of the SD w.r.t. d SD). ``mu_prec`` = 1/s0^2 and
+    ``mu_prec_mean`` = m0/s0^2 (both 0 for the flat prior).
     """
 
     tau_hc: int
@@ -503,9 +498,29 @@ class _Consts:
     sigma_hc: int
     sigma_inv_A2: float
     sigma_beta: float
-    mu_prec: float  # 1/s0^2, 0 for flat
-    mu_prec_mean: float  # m0/s0^2, 0 for flat
-    interweave: int
+    mu_prec: float
+    mu_prec_mean: float
+    scheme: int
+    sigma_pow: float
+
+    def kernel_array(self) -> np.ndarray:
+        return np.array(
+            [
+                self.tau_hc,
+                self.tau_inv_A2,
+                self.tau_beta,
+                self.tau_pow,
+                self.sigma_free,
+                self.sigma_hc,
+                self.sigma_inv_A2,
+                self.sigma_beta,
+                self.mu_prec,
+                self.mu_prec_mean,
+                self.scheme,
+                self.sigma_pow,
+            ],
+            dtype=np.float64,
+        )
 
 
 def _consts(priors: Priors, settings: GibbsSettings) -> _Consts:
@@ -515,7 +530,7 @@ def _consts(priors: Priors, settings: GibbsSettings) -> _Consts:
         return 0, 0.0, float(p.scale), 2.0 * p.shape + 1.0
 
     t_hc, t_ia2, t_beta, t_pow = parts(priors.sd)
-    s_hc, s_ia2, s_beta, _ = parts(priors.sigma)
+    s_hc, s_ia2, s_beta, s_pow = parts(priors.sigma)
     b = priors.b_Intercept
     mu_prec = 1.0 / b.sd**2 if isinstance(b, Normal) else 0.0
     mu_prec_mean = b.mean / b.sd**2 if isinstance(b, Normal) else 0.0
@@ -530,34 +545,174 @@ def _consts(priors: Priors, settings: GibbsSettings) -> _Consts:
         sigma_beta=s_beta,
         mu_prec=mu_prec,
         mu_prec_mean=mu_prec_mean,
-        interweave=int(settings.interweave),
+        scheme=_SCHEMES.index(settings.scheme),
+        sigma_pow=s_pow,
     )
 
 
-def _gamma_shapes(d: _Data, priors: Priors, settings: GibbsSettings, chains: int):
-    J = d.J
+def _gamma_shapes(
+    d: _Data, priors: Priors, settings: GibbsSettings, chains: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Shapes of the gamma variates for the tau^2 (centred) and sigma^2 updates."""
     if isinstance(priors.sd, HalfCauchy):
-        shape_tau = np.full(chains, (J + 1) / 2.0)
+        shape_tau = np.full(chains, (d.J + 1) / 2.0)
     else:
-        shape_tau = np.full(chains, priors.sd.shape + J / 2.0)
+        shape_tau = np.full(chains, priors.sd.shape + d.J / 2.0)
     if settings.sigma_fixed is not None:
         return shape_tau, None
     if isinstance(priors.sigma, HalfCauchy):
         shape_sigma = (d.N + 1.0) / 2.0
     else:
         shape_sigma = priors.sigma.shape + d.N / 2.0
-    return shape_tau, np.broadcast_to(shape_sigma, (chains,)).astype(np.float64)
+    return shape_tau, np.asarray(shape_sigma, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- initial values
+
+
+def _initial_values(
+    d: _Data, chains: int, sigma_fixed: float | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dispersed starting values ``(mu, tau^2, sigma^2)`` (each ``(C,)``) and slice widths.
+
+    ``mu`` starts at the weighted grand mean plus one between-group SD times a
+    standard normal (about sqrt(J) posterior SDs), ``tau`` at the between-group
+    SD of the means times a log-uniform factor in [e^-2.5, e^1] (so some chains
+    start near zero, the centred sampler's sticking point) and ``sigma`` at the
+    pooled within-group SD times a log-uniform factor in [1/2, 2]. Slice widths
+    (shape ``(2, C)``, for tau and sigma) start at the between-group SD and at
+    2.5 rough posterior SDs of sigma; warm-up adapts them.
+    """
+    z = rng.standard_normal(chains)
+    u = rng.random((chains, 2))
+    J = d.J
+    spread = np.sqrt(np.sum((d.ybar - d.ybar.mean(axis=1, keepdims=True)) ** 2, axis=1) / (J - 1))
+    spread = np.broadcast_to(spread, (chains,))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        within = np.where((d.dof > 0) & (d.ssw > 0), np.sqrt(d.ssw / d.dof), np.nan)
+    # Fallbacks keep every start positive and finite for degenerate inputs
+    # (all groups of size one, or identical means).
+    within = np.where(np.isfinite(within), within, np.where(spread > 0, spread, 1.0))
+    scale = np.where(spread > 0, spread, within / np.sqrt(d.N / J))
+    mu0 = d.y0 + scale * z
+    tau0 = scale * np.exp(-2.5 + 3.5 * u[:, 0])
+    if sigma_fixed is None:
+        sigma0 = within * np.exp(math.log(2.0) * (2.0 * u[:, 1] - 1.0))
+    else:
+        sigma0 = np.full(chains, float(sigma_fixed))
+    widths = np.stack([scale, _SLICE_WIDTH_FACTOR * within / np.sqrt(2.0 * np.maximum(d.dof, 1))])
+    return (
+        np.ascontiguousarray(mu0, dtype=np.float64),
+        np.ascontiguousarray(tau0**2, dtype=np.float64),
+        np.ascontiguousarray(sigma0**2, dtype=np.float64),
+        np.ascontiguousarray(widths, dtype=np.float64),
+    )
+
+
+# --------------------------------------------------------------------------- variates
+
+
+class _Variates:
+    """Pre-drawn random variates in blocks, one child generator per stream.
+
+    Collapsed scheme, per iteration and chain: ``z`` (one normal: mu), ``e``
+    (exponentials: slice heights for tau, sigma), ``u`` (uniforms: interval
+    position and stepping-out split for tau, then sigma); ``z_theta`` (J
+    normals) only for the iterations that are kept. Centred and ASIS schemes:
+    ``z_theta`` every iteration, ``z`` (mu, ancillary lambda, ancillary mu),
+    ``e`` (auxiliaries a, b), ``u`` (ancillary acceptance), ``g_tau``,
+    ``g_sigma`` (gammas of fixed shape). Streams a scheme does not use are not
+    drawn (placeholders keep the kernel's argument types fixed).
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        chains: int,
+        J: int,
+        shape_tau: np.ndarray,
+        shape_sigma: np.ndarray | None,
+        scheme: int,
+    ) -> None:
+        (
+            self._g_theta,
+            self._g_normal,
+            self._g_gamma_tau,
+            self._g_gamma_sigma,
+            self._g_exp,
+            self._g_unif,
+            g_shrink,
+        ) = rng.spawn(7)
+        self.C = chains
+        self.J = J
+        self.shape_tau = shape_tau
+        self.shape_sigma = shape_sigma
+        self.scheme = scheme
+        self.shrink = _UniformBuffer(g_shrink, chains)
+
+    def block(self, K: int, n_rec: int) -> dict[str, np.ndarray]:
+        C = self.C
+        if self.scheme == 2:
+            return {
+                "z_theta": self._g_theta.standard_normal((n_rec, C, self.J)),
+                "z": self._g_normal.standard_normal((K, C, 1)),
+                "e": self._g_exp.standard_exponential((K, C, 2)),
+                "u": self._g_unif.random((K, C, 4)),
+                "g_tau": np.ones((K, C)),
+                "g_sigma": np.ones((K, C)),
+            }
+        out = {
+            "z_theta": self._g_theta.standard_normal((K, C, self.J)),
+            "z": self._g_normal.standard_normal((K, C, 3)),
+            "e": self._g_exp.standard_exponential((K, C, 2)),
+            "u": self._g_unif.random((K, C, 1)),
+            "g_tau": self._g_gamma_tau.standard_gamma(self.shape_tau, size=(K, C)),
+        }
+        if self.shape_sigma is not None:
+            out["g_sigma"] = self._g_gamma_sigma.standard_gamma(self.shape_sigma, size=(K, C))
+        else:
+            out["g_sigma"] = np.ones((K, C))
+        return out
+
+
+class _UniformBuffer:
+    """Shrinkage uniforms for the slice sampler, consumed C at a time in order.
+
+    Both back ends refill at the start of an iteration when fewer than
+    ``reserve`` remain (enough for the most shrinkage rounds two slice updates
+    may take), so they read the same uniforms in the same places.
+    """
+
+    def __init__(self, gen: np.random.Generator, chains: int) -> None:
+        self.gen = gen
+        self.C = chains
+        self.reserve = 2 * chains * _SLICE_MAX_ROUNDS
+        self.chunk = max(4 * self.reserve, 1 << 14)
+        self.buf = np.empty(0)
+        self.pos = 0
+
+    def low(self) -> bool:
+        return self.buf.size - self.pos < self.reserve
+
+    def refill(self) -> None:
+        self.buf = np.concatenate([self.buf[self.pos :], self.gen.random(self.chunk)])
+        self.pos = 0
+
+    def take(self) -> np.ndarray:
+        u = self.buf[self.pos : self.pos + self.C]
+        self.pos += self.C
+        return u
 
 
 # --------------------------------------------------------------------------- conditionals
-# Pure functions of the state and the pre-drawn standard variates; the tests
-# check each against its closed form.
+# Pure functions of the state and pre-drawn standard variates; the tests check
+# each against its closed form.
 
 
 def draw_theta(
     d: _Data, mu: np.ndarray, t2: np.ndarray, s2: np.ndarray, z: np.ndarray
 ) -> np.ndarray:
-    r"""Step 1: :math:`\theta_j \mid \mu, \tau, \sigma, y`, shape ``(C, J)``.
+    r"""Draw :math:`\theta_j \mid \mu, \tau, \sigma, y`; shape ``(C, J)``.
 
     .. math:: \theta_j \sim \mathcal N\big(v_j(n_j\bar y_j/\sigma^2 + \mu/\tau^2),\ v_j\big),
         \quad v_j = (n_j/\sigma^2 + 1/\tau^2)^{-1}.
@@ -574,7 +729,7 @@ def draw_theta(
 def draw_sigma2(
     d: _Data, theta: np.ndarray, s2: np.ndarray, g: np.ndarray, e: np.ndarray, k: _Consts
 ) -> np.ndarray:
-    r"""Step 2: :math:`\sigma^2 \mid \theta, y` (after :math:`b \mid \sigma` for half-Cauchy).
+    r"""Draw :math:`\sigma^2 \mid \theta, y` (after :math:`b \mid \sigma` for half-Cauchy).
 
     :math:`\sigma^2 = (S_w/2 + \text{extra})/g`, :math:`S_w = SSW + \sum_j n_j(\bar
     y_j - \theta_j)^2`, with :math:`g \sim \text{Gamma}((N+1)/2)` (half-Cauchy) or
@@ -591,7 +746,7 @@ def draw_sigma2(
 def draw_mu_centred(
     theta_sum: np.ndarray, J: int, t2: np.ndarray, z: np.ndarray, k: _Consts
 ) -> np.ndarray:
-    r"""Step 3a: :math:`\mu \mid \theta, \tau` from ``theta_sum`` :math:`= \sum_j \theta_j`.
+    r"""Draw :math:`\mu \mid \theta, \tau` from ``theta_sum`` :math:`= \sum_j \theta_j`.
 
     .. math:: \mu \sim \mathcal N\Big(\frac{\sum_j\theta_j/\tau^2 + m_0/s_0^2}{P},
         \frac{1}{P}\Big), \quad P = J/\tau^2 + 1/s_0^2
@@ -607,7 +762,7 @@ def draw_mu_centred(
 def draw_tau2_centred(
     s_theta: np.ndarray, t2: np.ndarray, g: np.ndarray, e: np.ndarray, k: _Consts
 ) -> np.ndarray:
-    r"""Step 3b: :math:`\tau^2 \mid \theta, \mu` from :math:`S_\theta = \sum_j(\theta_j - \mu)^2`.
+    r"""Draw :math:`\tau^2 \mid \theta, \mu` from :math:`S_\theta = \sum_j(\theta_j - \mu)^2`.
 
     :math:`\tau^2 = (S_\theta/2 + \text{extra})/g` with :math:`g \sim
     \text{Gamma}((J+1)/2)` (half-Cauchy) or :math:`\text{Gamma}(\alpha + J/2)`, and
@@ -628,7 +783,7 @@ def ancillary_proposal(
     z_mu: np.ndarray,
     k: _Consts,
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""Step 4 proposal: :math:`(\mu', \lambda)` with :math:`\eta \propto \text{dev}` fixed.
+    r"""ASIS proposal :math:`(\mu', \lambda)` with :math:`\eta \propto \text{dev}` fixed.
 
     With :math:`\text{dev}_j = \theta_j - \mu = \tau\eta_j` fixed, the model is the
     weighted regression :math:`\bar y_j \sim \mathcal N(\mu' + \lambda\,\text{dev}_j,
@@ -659,7 +814,7 @@ def ancillary_proposal(
 
 
 def log_prior_ratio_tau(lam: np.ndarray, t2: np.ndarray, k: _Consts) -> np.ndarray:
-    r"""Step 4 acceptance: :math:`\log p_\tau(|\lambda|\tau) - \log p_\tau(\tau)`.
+    r"""ASIS acceptance: :math:`\log p_\tau(|\lambda|\tau) - \log p_\tau(\tau)`.
 
     Densities w.r.t. :math:`d\tau`: half-Cauchy :math:`\propto (1 +
     \tau^2/A^2)^{-1}`; inverse gamma on :math:`\tau^2` :math:`\propto
@@ -672,61 +827,231 @@ def log_prior_ratio_tau(lam: np.ndarray, t2: np.ndarray, k: _Consts) -> np.ndarr
         return -k.tau_pow * np.log(np.abs(lam)) - k.tau_beta * (1.0 / tp2 - 1.0 / t2)
 
 
+def collapsed_log_posterior(
+    d: _Data, tau: np.ndarray, sigma: np.ndarray, k: _Consts, vary: str = "both"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Log of :math:`p(\tau, \sigma \mid y)` up to a constant, with :math:`\mu, \theta` integrated.
+
+    With :math:`V_k = \tau^2 + \sigma^2/n_k` for each distinct group size
+    :math:`n_k` (``cnt_k`` groups) and centred means :math:`c_j = \bar y_j - y_0`,
+
+    .. math::
+
+        \log p = \log p_\tau(\tau) + \log p_\sigma(\sigma) - (N - J)\log\sigma
+        - \frac{SSW}{2\sigma^2} - \tfrac12\Big(\sum_k \text{cnt}_k\log V_k + \log P
+        + \sum_j \frac{c_j^2}{V_j} + \pi_0 c_0^2 - \frac{m^2}{P}\Big),
+
+    :math:`P = \sum_j 1/V_j + \pi_0`, :math:`m = \sum_j c_j/V_j + \pi_0 c_0`,
+    :math:`\pi_0 = 1/s_0^2` (0 for the flat prior), :math:`c_0 = m_0 - y_0`; prior
+    densities are w.r.t. :math:`d\tau, d\sigma`. The :math:`\sigma` terms are
+    dropped when :math:`\sigma` is fixed, and so are the terms in the argument
+    that is held constant when ``vary`` is ``"tau"`` or ``"sigma"`` (the slice
+    sampler needs the density only up to a constant). ``tau`` and ``sigma``
+    broadcast to a shape ``(..., C)``; returns ``(log_density, P, m)`` of that
+    shape, and then :math:`\mu \mid \tau, \sigma, y \sim \mathcal N(y_0 + m/P,
+    1/P)`. Valid for positive arguments only (the slice sampler treats others as
+    outside).
+    """
+    t2 = tau * tau
+    s2 = sigma * sigma
+    V = s2[..., None] * d.inv_ks + t2[..., None]
+    w = 1.0 / V
+    if d.B == 1:
+        sums = w @ d.tab
+        slog = np.log(V) @ d.cnt[0]
+    else:
+        sums = np.stack([np.einsum("...ck,ck->...c", w, t) for t in (d.cnt, d.s1, d.s2)], axis=-1)
+        slog = np.einsum("...ck,ck->...c", np.log(V), d.cnt)
+    P, m, q = sums[..., 0], sums[..., 1], sums[..., 2]
+    if k.mu_prec:
+        P = P + k.mu_prec
+        m = m + k.mu_prec * d.c0
+        q = q + k.mu_prec * d.c0 * d.c0
+    f = -0.5 * (slog + np.log(P) + q - m * (m / P))
+    if vary != "sigma":
+        if k.tau_hc:
+            f = f - np.log1p(t2 * k.tau_inv_A2)
+        else:
+            f = f - k.tau_pow * np.log(tau) - k.tau_beta / t2
+    if k.sigma_free and vary != "tau":
+        f = f - d.dof * np.log(sigma) - (0.5 * d.ssw) / s2
+        if k.sigma_hc:
+            f = f - np.log1p(s2 * k.sigma_inv_A2)
+        else:
+            f = f - k.sigma_pow * np.log(sigma) - k.sigma_beta / s2
+    return f, P, m
+
+
+def slice_update(
+    logpost: Any,
+    x0: np.ndarray,
+    width: np.ndarray,
+    e: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    shrink: _UniformBuffer,
+    n_eval: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""One slice-sampling update of a positive scalar per chain (all chains in lockstep).
+
+    Neal (2003): stepping out (Fig. 3) by at most :data:`_SLICE_M` widths, split
+    between the two sides by the uniform ``v``, then shrinkage (Fig. 5). The
+    slice is :math:`\{x > 0: \log p(x) > \log p(x_0) - e\}` with ``e`` standard
+    exponential; the initial interval is ``[x0 - width*u, x0 - width*u +
+    width]``. ``logpost(x)`` maps an array of shape ``(..., C)`` to ``(log p, P,
+    m)`` of that shape. Shrinkage uniforms come from ``shrink``, ``C`` a round.
+    Adds each chain's density evaluations to ``n_eval`` and returns ``(x_new,
+    P, m)`` with ``P, m`` at the new point.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = x0 - width * u
+        right = left + width
+        steps_left = np.floor(_SLICE_M * v)
+        steps_right = (_SLICE_M - 1) - steps_left
+        # The current point and both initial ends in one evaluation.
+        f, _, _ = logpost(np.stack([x0, left, right]))
+        level = f[0] - e
+        act_l = steps_left > 0
+        act_r = steps_right > 0
+        n_eval += 1 + act_l + act_r
+        act_l &= (f[1] > level) & (left > 0.0)
+        act_r &= f[2] > level
+        while act_l.any() or act_r.any():
+            left = np.where(act_l, left - width, left)
+            right = np.where(act_r, right + width, right)
+            steps_left = steps_left - act_l
+            steps_right = steps_right - act_r
+            act_l &= steps_left > 0
+            act_r &= steps_right > 0
+            if not (act_l.any() or act_r.any()):
+                break
+            f, _, _ = logpost(np.stack([left, right]))
+            n_eval += act_l
+            n_eval += act_r
+            act_l &= (f[0] > level) & (left > 0.0)
+            act_r &= f[1] > level
+        new = x0.copy()
+        P_new = np.empty_like(x0)
+        m_new = np.empty_like(x0)
+        active = np.ones(x0.shape, dtype=bool)
+        rounds = 0
+        while active.any():
+            if rounds >= _SLICE_MAX_ROUNDS:
+                raise RuntimeError(
+                    "gibbs_two_level: slice sampler did not terminate (non-finite log density?)"
+                )
+            x = left + shrink.take() * (right - left)
+            f, P, m = logpost(x)
+            n_eval += active
+            rounds += 1
+            ok = active & (f > level) & (x > 0.0)
+            new = np.where(ok, x, new)
+            P_new = np.where(ok, P, P_new)
+            m_new = np.where(ok, m, m_new)
+            active &= ~ok
+            lower = active & (x < x0)
+            left = np.where(lower, x, left)
+            right = np.where(active & ~lower, x, right)
+    return new, P_new, m_new
+
+
 # --------------------------------------------------------------------------- numpy back end
 
 
-def _run_numpy(
+@dataclass
+class _State:
+    """Chain state, slice widths, outputs and counters shared by the back ends."""
+
+    mu: np.ndarray  # (C,)
+    t2: np.ndarray  # (C,) tau^2
+    s2: np.ndarray  # (C,) sigma^2
+    width: np.ndarray  # (2, C) slice widths for tau, sigma
+    o_mu: np.ndarray  # (C, D)
+    o_t2: np.ndarray  # (C, D)
+    o_s2: np.ndarray  # (C, D)
+    o_theta: np.ndarray  # (C, D, J)
+    trace: np.ndarray  # (warmup, 2, C) tau^2, sigma^2 during warm-up
+    n_acc: np.ndarray  # (C,) ASIS acceptances over kept draws
+    n_eval: np.ndarray  # (C,) collapsed log-density evaluations
+
+
+def _numpy_iterations(
     d: _Data,
     k: _Consts,
-    var: _Variates,
-    mu: np.ndarray,
-    t2: np.ndarray,
-    s2: np.ndarray,
-    settings: GibbsSettings,
-    out: dict[str, np.ndarray],
-) -> None:
+    st: _State,
+    v: dict[str, np.ndarray],
+    b0: int,
+    K: int,
+    it0: int,
+    i_first: int,
+    warmup: int,
+    thin: int,
+    shrink: _UniformBuffer,
+) -> int:
+    """Run iterations ``b0..K-1`` of a block (global index ``it0 + b``); return ``K``.
+
+    ``i_first`` is the index of the first kept draw at or after ``it0`` (the
+    collapsed scheme's theta normals are drawn for kept iterations only).
+    """
     J = d.J
-    warmup, thin = settings.warmup, settings.thin
-    total = warmup + settings.draws * thin
-    K_max = _block_iterations(mu.shape[0], J)
-    n_acc = out["n_acc"]
-    it = 0
-    while it < total:
-        K = min(K_max, total - it)
-        v = var.block(K)
-        z_theta, g_sigma, g_tau, logu = v["z_theta"], v["g_sigma"], v["g_tau"], v["logu"]
-        z_mu, z_lam, z_mu2 = (np.ascontiguousarray(v["z"][:, :, i]) for i in range(3))
-        e_a, e_b = (np.ascontiguousarray(v["e"][:, :, i]) for i in range(2))
-        for b in range(K):
+    mu, t2, s2 = st.mu, st.t2, st.s2
+    z_theta, g_sigma, g_tau = v["z_theta"], v["g_sigma"], v["g_tau"]
+    z, e, u = v["z"], v["e"], v["u"]
+    for b in range(b0, K):
+        it = it0 + b
+        rec = it - warmup
+        keep = rec >= 0 and rec % thin == 0
+        lam = None
+        dev = None
+        theta = None
+        if k.scheme == 2:
+            if shrink.low():
+                shrink.refill()
+            sigma = np.sqrt(s2)
+            tau, P, m = slice_update(
+                lambda x, sigma=sigma: collapsed_log_posterior(d, x, sigma, k, "tau"),
+                np.sqrt(t2), st.width[0], e[b, :, 0], u[b, :, 0], u[b, :, 1], shrink, st.n_eval,
+            )  # fmt: skip
+            if k.sigma_free:
+                sigma, P, m = slice_update(
+                    lambda x, tau=tau: collapsed_log_posterior(d, tau, x, k, "sigma"),
+                    sigma, st.width[1], e[b, :, 1], u[b, :, 2], u[b, :, 3], shrink, st.n_eval,
+                )  # fmt: skip
+            t2 = tau * tau
+            s2 = sigma * sigma
+            if keep:
+                mu = d.y0 + m / P + z[b, :, 0] / np.sqrt(P)
+                theta = draw_theta(d, mu, t2, s2, z_theta[rec // thin - i_first])
+        else:
             theta = draw_theta(d, mu, t2, s2, z_theta[b])
             if k.sigma_free:
-                s2 = draw_sigma2(d, theta, s2, g_sigma[b], e_b[b], k)
-            mu = draw_mu_centred(theta.sum(axis=1), J, t2, z_mu[b], k)
+                s2 = draw_sigma2(d, theta, s2, g_sigma[b], e[b, :, 1], k)
+            mu = draw_mu_centred(theta.sum(axis=1), J, t2, z[b, :, 0], k)
             dev = theta - mu[:, None]
             s_theta, m22 = d.sum_and_ndot(dev * dev)
-            t2 = draw_tau2_centred(s_theta, t2, g_tau[b], e_a[b], k)
-            lam = None
-            if k.interweave:
+            t2 = draw_tau2_centred(s_theta, t2, g_tau[b], e[b, :, 0], k)
+            if k.scheme == 1:
                 m12, r2 = d.ndot_and_nybardot(dev)
-                mu_p, lam = ancillary_proposal(d, m12, m22, r2, s2, z_lam[b], z_mu2[b], k)
-                acc = logu[b] < log_prior_ratio_tau(lam, t2, k)
+                mu_p, lam = ancillary_proposal(d, m12, m22, r2, s2, z[b, :, 1], z[b, :, 2], k)
+                acc = np.log(u[b, :, 0]) < log_prior_ratio_tau(lam, t2, k)
                 mu = np.where(acc, mu_p, mu)
                 lam = np.where(acc, lam, 1.0)
                 t2 = lam * lam * t2
-            rec = it + b - warmup
-            if rec >= 0 and rec % thin == 0:
-                i = rec // thin
-                out["b_Intercept"][:, i] = mu
-                out["sd"][:, i] = t2  # square roots taken once at the end
-                out["sigma"][:, i] = s2
-                if lam is None:
-                    out["theta"][:, i, :] = theta
-                else:
-                    out["theta"][:, i, :] = mu[:, None] + lam[:, None] * dev
-                    n_acc += acc
-        it += K
-    np.sqrt(out["sd"], out=out["sd"])
-    np.sqrt(out["sigma"], out=out["sigma"])
+        if it < warmup:
+            st.trace[it, 0] = t2
+            st.trace[it, 1] = s2
+        if keep:
+            i = rec // thin
+            st.o_mu[:, i] = mu
+            st.o_t2[:, i] = t2
+            st.o_s2[:, i] = s2
+            if lam is None:
+                st.o_theta[:, i, :] = theta
+            else:
+                st.o_theta[:, i, :] = mu[:, None] + lam[:, None] * dev
+                st.n_acc += acc
+    st.mu, st.t2, st.s2 = mu, t2, s2
+    return K
 
 
 def _block_iterations(C: int, J: int) -> int:
@@ -748,8 +1073,14 @@ def numba_available() -> bool:
 _NUMBA_KERNEL = None
 
 
-def _numba_kernel():
-    """Compile (once per process) the numba kernel for one block of iterations."""
+def _numba_kernel():  # pragma: no cover - compiled; exercised where numba is installed
+    """Compile (once per process) the numba kernel for a block of iterations.
+
+    It runs the same updates as :func:`_numpy_iterations` on the same
+    pre-drawn variates, one chain at a time except for the slice sampler's
+    shrinkage rounds, which run in lockstep over chains so that the buffered
+    uniforms are read in the same order as in numpy.
+    """
     global _NUMBA_KERNEL
     if _NUMBA_KERNEL is not None:
         return _NUMBA_KERNEL
@@ -761,47 +1092,346 @@ def _numba_kernel():
             "install it or use backend='numpy'"
         ) from None
 
-    @numba.njit(cache=False, fastmath=False, nogil=True)
-    def kernel(
-        n, ybar, nybar, N, Y, ssw, kc, K, it0, warmup, thin, mu, t2, s2,
-        z_theta, z, g_tau, g_sigma, e, logu, theta, dev,
-        o_mu, o_sd, o_sigma, o_theta, n_acc,
-    ):  # pragma: no cover - compiled
+    njit = numba.njit(cache=False, fastmath=False, nogil=True)
+
+    @njit
+    def logpost(inv_ks, cnt, s1, s2tab, dc, c, tau, sigma, c0, dof, ssw, kc, which):
+        # Same formula as collapsed_log_posterior, for chain c; 0 density off (0, inf).
+        if not (tau > 0.0 and sigma > 0.0):
+            return -math.inf, 1.0, 0.0
         tau_hc, t_ia2, t_beta, t_pow = kc[0], kc[1], kc[2], kc[3]
         sig_free, sig_hc, s_ia2, s_beta = kc[4], kc[5], kc[6], kc[7]
-        mu_prec, mu_pm, interweave = kc[8], kc[9], kc[10]
+        mu_prec, s_pow = kc[8], kc[11]
+        t2 = tau * tau
+        s2 = sigma * sigma
+        sw = 0.0
+        s1w = 0.0
+        s2w = 0.0
+        slog = 0.0
+        for q in range(inv_ks.shape[1]):
+            V = s2 * inv_ks[dc, q] + t2
+            w = 1.0 / V
+            sw += w * cnt[dc, q]
+            s1w += w * s1[dc, q]
+            s2w += w * s2tab[dc, q]
+            slog += math.log(V) * cnt[dc, q]
+        P = sw
+        m = s1w
+        qq = s2w
+        if mu_prec != 0.0:
+            P = P + mu_prec
+            m = m + mu_prec * c0[c]
+            qq = qq + mu_prec * c0[c] * c0[c]
+        f = -0.5 * (slog + math.log(P) + qq - m * (m / P))
+        if which == 0:
+            if tau_hc > 0.5:
+                f = f - math.log1p(t2 * t_ia2)
+            else:
+                f = f - t_pow * math.log(tau) - t_beta / t2
+        if sig_free > 0.5 and which == 1:
+            f = f - dof[c] * math.log(sigma) - (0.5 * ssw[c]) / s2
+            if sig_hc > 0.5:
+                f = f - math.log1p(s2 * s_ia2)
+            else:
+                f = f - s_pow * math.log(sigma) - s_beta / s2
+        return f, P, m
+
+    @njit
+    def slice_all(
+        which,
+        B,
+        x_tau,
+        x_sig,
+        width,
+        e,
+        u,
+        v,
+        ubuf,
+        pos,
+        max_rounds,
+        slice_m,
+        inv_ks,
+        cnt,
+        s1,
+        s2tab,
+        c0,
+        dof,
+        ssw,
+        kc,
+        left,
+        right,
+        level,
+        newx,
+        newP,
+        newm,
+        active,
+        n_eval,
+    ):
+        # Slice update of tau (which == 0, sigma held at x_sig) or sigma (which == 1).
+        C = x_tau.shape[0]
+        for c in range(C):
+            dc = c if B > 1 else 0
+            x0 = x_tau[c] if which == 0 else x_sig[c]
+            tau = x_tau[c]
+            sig = x_sig[c]
+            f0, _, _ = logpost(inv_ks, cnt, s1, s2tab, dc, c, tau, sig, c0, dof, ssw, kc, which)
+            n_eval[c] += 1.0
+            level[c] = f0 - e[c]
+            lo = x0 - width[c] * u[c]
+            hi = lo + width[c]
+            nl = math.floor(slice_m * v[c])
+            nr = (slice_m - 1) - nl
+            while nl > 0:
+                if which == 0:
+                    tau = lo
+                else:
+                    sig = lo
+                f, _, _ = logpost(inv_ks, cnt, s1, s2tab, dc, c, tau, sig, c0, dof, ssw, kc, which)
+                n_eval[c] += 1.0
+                if not f > level[c]:
+                    break
+                lo = lo - width[c]
+                nl -= 1
+            while nr > 0:
+                if which == 0:
+                    tau = hi
+                else:
+                    sig = hi
+                f, _, _ = logpost(inv_ks, cnt, s1, s2tab, dc, c, tau, sig, c0, dof, ssw, kc, which)
+                n_eval[c] += 1.0
+                if not f > level[c]:
+                    break
+                hi = hi + width[c]
+                nr -= 1
+            left[c] = lo
+            right[c] = hi
+            active[c] = True
+        n_active = C
+        rounds = 0
+        while n_active > 0:
+            if rounds >= max_rounds or pos + C > ubuf.shape[0]:
+                return -1
+            for c in range(C):
+                if not active[c]:
+                    continue
+                dc = c if B > 1 else 0
+                x = left[c] + ubuf[pos + c] * (right[c] - left[c])
+                tau = x if which == 0 else x_tau[c]
+                sig = x if which == 1 else x_sig[c]
+                f, P, m = logpost(inv_ks, cnt, s1, s2tab, dc, c, tau, sig, c0, dof, ssw, kc, which)
+                n_eval[c] += 1.0
+                if f > level[c]:
+                    newx[c] = x
+                    newP[c] = P
+                    newm[c] = m
+                    active[c] = False
+                    n_active -= 1
+                elif x < (x_tau[c] if which == 0 else x_sig[c]):
+                    left[c] = x
+                else:
+                    right[c] = x
+            pos += C
+            rounds += 1
+        return pos
+
+    @njit
+    def kernel(
+        n,
+        ybar,
+        nybar,
+        N,
+        Y,
+        ssw,
+        y0,
+        c0,
+        dof,
+        inv_ks,
+        cnt,
+        s1,
+        s2tab,
+        kc,
+        b0,
+        K,
+        it0,
+        i_first,
+        warmup,
+        thin,
+        mu,
+        t2,
+        s2,
+        width,
+        z_theta,
+        z,
+        g_tau,
+        g_sigma,
+        e,
+        u,
+        ubuf,
+        upos,
+        reserve,
+        theta,
+        dev,
+        x_tau,
+        x_sig,
+        left,
+        right,
+        level,
+        newx,
+        newP,
+        newm,
+        active,
+        o_mu,
+        o_t2,
+        o_s2,
+        o_theta,
+        trace,
+        n_acc,
+        n_eval,
+        slice_m,
+        max_rounds,
+    ):
+        tau_hc, t_ia2, t_beta, t_pow = kc[0], kc[1], kc[2], kc[3]
+        sig_free, sig_hc, s_ia2, s_beta = kc[4], kc[5], kc[6], kc[7]
+        mu_prec, mu_pm, scheme = kc[8], kc[9], int(kc[10])
         C = mu.shape[0]
         J = n.shape[1]
         B = n.shape[0]
-        for b in range(K):
-            rec = it0 + b - warmup
+        pos = upos[0]
+        for b in range(b0, K):
+            it = it0 + b
+            rec = it - warmup
             keep = rec >= 0 and rec % thin == 0
-            i = rec // thin
+            i = rec // thin if rec >= 0 else 0
+            if scheme == 2:
+                if ubuf.shape[0] - pos < reserve:
+                    upos[0] = pos
+                    return b
+                for c in range(C):
+                    x_tau[c] = math.sqrt(t2[c])
+                    x_sig[c] = math.sqrt(s2[c])
+                pos = slice_all(
+                    0,
+                    B,
+                    x_tau,
+                    x_sig,
+                    width[0],
+                    e[b, :, 0],
+                    u[b, :, 0],
+                    u[b, :, 1],
+                    ubuf,
+                    pos,
+                    max_rounds,
+                    slice_m,
+                    inv_ks,
+                    cnt,
+                    s1,
+                    s2tab,
+                    c0,
+                    dof,
+                    ssw,
+                    kc,
+                    left,
+                    right,
+                    level,
+                    newx,
+                    newP,
+                    newm,
+                    active,
+                    n_eval,
+                )
+                if pos < 0:
+                    return -1 - b
+                for c in range(C):
+                    x_tau[c] = newx[c]
+                if sig_free > 0.5:
+                    pos = slice_all(
+                        1,
+                        B,
+                        x_tau,
+                        x_sig,
+                        width[1],
+                        e[b, :, 1],
+                        u[b, :, 2],
+                        u[b, :, 3],
+                        ubuf,
+                        pos,
+                        max_rounds,
+                        slice_m,
+                        inv_ks,
+                        cnt,
+                        s1,
+                        s2tab,
+                        c0,
+                        dof,
+                        ssw,
+                        kc,
+                        left,
+                        right,
+                        level,
+                        newx,
+                        newP,
+                        newm,
+                        active,
+                        n_eval,
+                    )
+                    if pos < 0:
+                        return -1 - b
+                    for c in range(C):
+                        x_sig[c] = newx[c]
+                for c in range(C):
+                    dc = c if B > 1 else 0
+                    tt = x_tau[c] * x_tau[c]
+                    ss = x_sig[c] * x_sig[c]
+                    t2[c] = tt
+                    s2[c] = ss
+                    if it < warmup:
+                        trace[it, 0, c] = tt
+                        trace[it, 1, c] = ss
+                    if keep:
+                        P = newP[c]
+                        m = y0[c] + newm[c] / P + z[b, c, 0] / math.sqrt(P)
+                        mu[c] = m
+                        inv_s2 = 1.0 / ss
+                        inv_t2 = 1.0 / tt
+                        mt = m * inv_t2
+                        il = i - i_first
+                        for j in range(J):
+                            vj = 1.0 / (n[dc, j] * inv_s2 + inv_t2)
+                            zj = z_theta[il, c, j]
+                            o_theta[c, i, j] = vj * (nybar[dc, j] * inv_s2 + mt) + zj * math.sqrt(
+                                vj
+                            )
+                        o_mu[c, i] = m
+                        o_t2[c, i] = tt
+                        o_s2[c, i] = ss
+                continue
             for c in range(C):
                 dc = c if B > 1 else 0
                 inv_s2 = 1.0 / s2[c]
                 inv_t2 = 1.0 / t2[c]
                 mt = mu[c] * inv_t2
-                # 1. theta | mu, tau, sigma; 2. residual sum of squares
                 sw = 0.0
                 tsum = 0.0
                 for j in range(J):
-                    v = 1.0 / (n[dc, j] * inv_s2 + inv_t2)
-                    th = v * (nybar[dc, j] * inv_s2 + mt) + z_theta[b, c, j] * math.sqrt(v)
+                    vj = 1.0 / (n[dc, j] * inv_s2 + inv_t2)
+                    th = vj * (nybar[dc, j] * inv_s2 + mt) + z_theta[b, c, j] * math.sqrt(vj)
                     theta[c, j] = th
                     r = ybar[dc, j] - th
-                    sw += n[dc, j] * r * r
+                    sw += n[dc, j] * (r * r)
                     tsum += th
                 if sig_free > 0.5:
                     if sig_hc > 0.5:
                         extra = e[b, c, 1] / (inv_s2 + s_ia2)
                     else:
                         extra = s_beta
-                    s2[c] = (0.5 * (ssw[dc] + sw) + extra) / g_sigma[b, c]
-                # 3a. mu | theta, tau
-                prec = J * inv_t2 + mu_prec
-                m = (tsum * inv_t2 + mu_pm) / prec + z[b, c, 0] / math.sqrt(prec)
-                # 3b. tau^2 | theta, mu
+                    s2[c] = (0.5 * (ssw[c] + sw) + extra) / g_sigma[b, c]
+                # centred mu | theta, tau
+                if mu_prec != 0.0:
+                    prec = J * inv_t2 + mu_prec
+                    m = (tsum * inv_t2 + mu_pm) / prec + z[b, c, 0] / math.sqrt(prec)
+                else:
+                    m = tsum / J + z[b, c, 0] * math.sqrt(t2[c] / J)
+                # centred tau^2 | theta, mu
                 st = 0.0
                 for j in range(J):
                     dv = theta[c, j] - m
@@ -813,8 +1443,8 @@ def _numba_kernel():
                     extra = t_beta
                 tt = (0.5 * st + extra) / g_tau[b, c]
                 lam = 1.0
-                if interweave > 0.5:
-                    # 4. ancillary step
+                if scheme == 1:
+                    # ancillary (non-centred) step
                     m12 = 0.0
                     m22 = 0.0
                     r2 = 0.0
@@ -824,8 +1454,8 @@ def _numba_kernel():
                         m22 += nd * dev[c, j]
                         r2 += nybar[dc, j] * dev[c, j]
                     ss = s2[c]
-                    m11 = N[dc] + ss * mu_prec
-                    r1 = Y[dc] + ss * mu_pm
+                    m11 = N[c] + ss * mu_prec
+                    r1 = Y[c] + ss * mu_pm
                     xbar = m12 / m11
                     s_xx = m22 - xbar * m12
                     lp = (r2 - xbar * r1) / s_xx + z[b, c, 1] * math.sqrt(ss / s_xx)
@@ -837,7 +1467,7 @@ def _numba_kernel():
                         logr = -t_pow * math.log(abs(lp)) - t_beta * (1.0 / tp2 - 1.0 / tt)
                     else:
                         logr = -math.inf
-                    if logu[b, c] < logr:
+                    if math.log(u[b, c, 0]) < logr:
                         m = mp
                         tt = tp2
                         lam = lp
@@ -845,55 +1475,76 @@ def _numba_kernel():
                             n_acc[c] += 1.0
                 mu[c] = m
                 t2[c] = tt
+                if it < warmup:
+                    trace[it, 0, c] = tt
+                    trace[it, 1, c] = s2[c]
                 if keep:
                     o_mu[c, i] = m
-                    o_sd[c, i] = math.sqrt(tt)
-                    o_sigma[c, i] = math.sqrt(s2[c])
+                    o_t2[c, i] = tt
+                    o_s2[c, i] = s2[c]
                     for j in range(J):
                         o_theta[c, i, j] = m + lam * dev[c, j]
+        upos[0] = pos
+        return K
 
     _NUMBA_KERNEL = kernel
     return kernel
 
 
-def _run_numba(
+def _numba_iterations(
     d: _Data,
     k: _Consts,
-    var: _Variates,
-    mu: np.ndarray,
-    t2: np.ndarray,
-    s2: np.ndarray,
-    settings: GibbsSettings,
-    out: dict[str, np.ndarray],
-) -> None:
+    st: _State,
+    v: dict[str, np.ndarray],
+    b0: int,
+    K: int,
+    it0: int,
+    i_first: int,
+    warmup: int,
+    thin: int,
+    shrink: _UniformBuffer,
+) -> int:
+    """Numba counterpart of :func:`_numpy_iterations`; may stop early to refill uniforms."""
     kernel = _numba_kernel()
-    C, J = mu.shape[0], d.J
-    kc = np.array(
-        [
-            k.tau_hc, k.tau_inv_A2, k.tau_beta, k.tau_pow, k.sigma_free, k.sigma_hc,
-            k.sigma_inv_A2, k.sigma_beta, k.mu_prec, k.mu_prec_mean, k.interweave,
-        ],
-        dtype=np.float64,
-    )
-    total = settings.warmup + settings.draws * settings.thin
-    K_max = _block_iterations(C, J)
-    theta = np.empty((C, J))
-    dev = np.empty((C, J))
-    mu, t2, s2 = mu.copy(), t2.copy(), s2.copy()
-    it = 0
-    while it < total:
-        K = min(K_max, total - it)
-        v = var.block(K)
-        kernel(
-            d.n, d.ybar, d.nybar, d.N, d.Y, d.ssw, kc, K, it, settings.warmup,
-            settings.thin, mu, t2, s2, v["z_theta"], v["z"], v["g_tau"], v["g_sigma"],
-            v["e"], v["logu"], theta, dev, out["b_Intercept"], out["sd"], out["sigma"],
-            out["theta"], out["n_acc"],
+    C, J = st.mu.shape[0], d.J
+    work = [np.empty((C, J)), np.empty((C, J))] + [np.empty(C) for _ in range(8)]
+    active = np.zeros(C, dtype=np.bool_)
+    upos = np.array([shrink.pos], dtype=np.int64)
+    ret = kernel(
+        d.n, d.ybar, d.nybar, d.N, d.Y, d.ssw, d.y0, d.c0, d.dof, d.inv_ks, d.cnt, d.s1,
+        d.s2, k.kernel_array(), b0, K, it0, i_first, warmup, thin, st.mu, st.t2, st.s2,
+        st.width, v["z_theta"], v["z"], v["g_tau"], v["g_sigma"], v["e"], v["u"],
+        shrink.buf, upos, shrink.reserve, *work, active, st.o_mu, st.o_t2, st.o_s2,
+        st.o_theta, st.trace, st.n_acc, st.n_eval, float(_SLICE_M), _SLICE_MAX_ROUNDS,
+    )  # fmt: skip
+    shrink.pos = int(upos[0])
+    if ret < 0:
+        raise RuntimeError(
+            "gibbs_two_level: slice sampler did not terminate (non-finite log density?)"
         )
-        it += K
+    if ret < K:
+        shrink.refill()
+    return int(ret)
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def _adapt_points(warmup: int) -> list[int]:
+    """Warm-up iterations at which slice widths are re-set: 25, 50, 100, ... <= warmup."""
+    pts = []
+    p = _ADAPT_FIRST
+    while p <= warmup:
+        pts.append(p)
+        p *= 2
+    return pts
+
+
+def _kept_range(it0: int, K: int, warmup: int, thin: int) -> tuple[int, int]:
+    """Index of the first kept draw at or after iteration ``it0`` and how many in ``K``."""
+    first = max(0, -(-(it0 - warmup) // thin))
+    last = (it0 + K - 1 - warmup) // thin  # floor; negative if none kept
+    return first, max(0, last - first + 1)
 
 
 def _gibbs_core(
@@ -909,37 +1560,70 @@ def _gibbs_core(
     With ``n``, ``ybar`` of shape ``(C, J)`` and ``ssw`` of shape ``(C,)``, chain
     ``c`` samples the posterior of data set ``c``: independent replications
     (e.g. simulation-based calibration) advance together in one vectorised run.
-    Inputs are trusted (validated by the public entry point or the caller).
+    The data are trusted (validated by the public entry point or the caller).
     """
     _validate_config(priors, settings)
     C = int(settings.chains)
     d = _Data(np.atleast_2d(n), np.atleast_2d(ybar), ssw, C)
-    if d.n.shape[0] not in (1, C):
-        raise ConfigError("gibbs_two_level: data axis must have length 1 or chains")
+    if d.B not in (1, C):
+        raise ConfigError("gibbs_two_level: the data axis must have length 1 or chains")
+    if isinstance(priors.b_Intercept, Normal):
+        d.c0 = priors.b_Intercept.mean - d.y0
     k = _consts(priors, settings)
     g_init, g_var = rng.spawn(2)
-    mu, t2, s2 = _initial_values(d, C, settings.sigma_fixed, g_init)
+    mu, t2, s2, widths = _initial_values(d, C, settings.sigma_fixed, g_init)
     shape_tau, shape_sigma = _gamma_shapes(d, priors, settings, C)
-    var = _Variates(g_var, C, d.J, shape_tau, shape_sigma)
-    D = settings.draws
-    out = {
-        "b_Intercept": np.empty((C, D)),
-        "sd": np.empty((C, D)),
-        "sigma": np.empty((C, D)),
-        "theta": np.empty((C, D, d.J)),
-        "n_acc": np.zeros(C),
-    }
-    run = _run_numba if settings.backend == "numba" else _run_numpy
-    run(d, k, var, mu, t2, s2, settings, out)
-    accept = out["n_acc"] / D if settings.interweave else np.full(C, np.nan)
+    var = _Variates(g_var, C, d.J, shape_tau, shape_sigma, k.scheme)
+    warmup, thin, D = settings.warmup, settings.thin, settings.draws
+    total = warmup + D * thin
+    st = _State(
+        mu=mu,
+        t2=t2,
+        s2=s2,
+        width=widths,
+        o_mu=np.empty((C, D)),
+        o_t2=np.empty((C, D)),
+        o_s2=np.empty((C, D)),
+        o_theta=np.empty((C, D, d.J)),
+        trace=np.empty((warmup, 2, C)),
+        n_acc=np.zeros(C),
+        n_eval=np.zeros(C),
+    )
+    run = _numba_iterations if settings.backend == "numba" else _numpy_iterations
+    adapt = _adapt_points(warmup) if k.scheme == 2 else []
+    K_max = _block_iterations(C, d.J)
+    it = 0
+    prev = 0
+    for stop in sorted({*adapt, total}):
+        while it < stop:
+            K = min(K_max, stop - it)
+            i_first, n_rec = _kept_range(it, K, warmup, thin)
+            v = var.block(K, n_rec)
+            b = 0
+            while b < K:
+                b = run(d, k, st, v, b, K, it, i_first, warmup, thin, var.shrink)
+            it += K
+        if stop in adapt:
+            sd = np.sqrt(st.trace[prev:stop]).std(axis=0)
+            ok = np.isfinite(sd) & (sd > 0)
+            st.width = np.where(ok, _SLICE_WIDTH_FACTOR * sd, st.width)
+            prev = stop
+    stats: dict[str, Any] = {"scheme": settings.scheme}
+    if k.scheme == 2:
+        stats["slice_width_sd"] = [float(w) for w in st.width[0]]
+        if k.sigma_free:
+            stats["slice_width_sigma"] = [float(w) for w in st.width[1]]
+        stats["log_density_evaluations_per_iteration"] = float(st.n_eval.sum() / (C * total))
+    if k.scheme == 1:
+        stats["ancillary_accept_rate"] = [float(a) for a in st.n_acc / D]
     return TwoLevelDraws(
-        b_Intercept=out["b_Intercept"],
-        sd=out["sd"],
-        sigma=out["sigma"],
-        theta=out["theta"],
-        accept_rate=accept,
+        b_Intercept=st.o_mu,
+        sd=np.sqrt(st.o_t2),
+        sigma=np.sqrt(st.o_s2),
+        theta=st.o_theta,
         settings=settings,
         priors=priors,
+        stats=stats,
     )
 
 
@@ -954,9 +1638,9 @@ def gibbs_two_level(
     warmup: int = 1000,
     draws: int = 1000,
     thin: int = 1,
-    interweave: bool = True,
+    scheme: Scheme = "collapsed",
     sigma_fixed: float | None = None,
-    backend: Literal["numpy", "numba"] = "numpy",
+    backend: Backend = "numpy",
 ) -> TwoLevelDraws:
     r"""Sample the two-level varying-intercept model from sufficient statistics.
 
@@ -968,7 +1652,7 @@ def gibbs_two_level(
     priors : :class:`Priors`; scales are the caller's (data-scaled) choice.
     rng : generator, e.g. ``hierpipe.seeds.derive_rng(seed, study, fit)``; the
         draws are a pure function of its state and the inputs.
-    chains, warmup, draws, thin, interweave, sigma_fixed, backend : see
+    chains, warmup, draws, thin, scheme, sigma_fixed, backend : see
         :class:`GibbsSettings`.
 
     Returns
@@ -976,19 +1660,31 @@ def gibbs_two_level(
     TwoLevelDraws
         Arrays ``b_Intercept``, ``sd``, ``sigma`` of shape ``(chains, draws)``,
         ``theta`` and ``r`` of shape ``(chains, draws, J)``; ``info()`` gives the
-        settings and priors for ``fit.json``.
+        settings, priors and sampler statistics for ``fit.json``.
 
     Raises
     ------
     InputError
-        Bad sufficient statistics (non-finite, non-integer counts, < 2 groups).
+        Bad sufficient statistics (non-finite, non-integer sizes, < 2 groups).
     ConfigError
         Bad priors or settings, or ``backend='numba'`` without numba.
 
     Notes
     -----
-    One iteration costs :math:`O(J)` per chain; see the module docstring for the
-    full conditionals and the interweaving (ASIS) step.
+    One iteration costs :math:`O(J)` per chain (the collapsed scheme's slice
+    sampler :math:`O(K)` per density evaluation, :math:`K` distinct group sizes);
+    see the module docstring for the conditionals.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fit = gibbs_two_level(
+    ...     [50, 50, 50], [70.1, 64.2, 73.0], 14000.0,
+    ...     priors=Priors(sd=HalfCauchy(25.0), sigma=HalfCauchy(25.0)),
+    ...     rng=np.random.default_rng(1), warmup=200, draws=200,
+    ... )
+    >>> fit.theta.shape
+    (4, 200, 3)
     """
     n_f, y_f, ssw_f = _validate(n, ybar, ssw)
     settings = GibbsSettings(
@@ -996,7 +1692,7 @@ def gibbs_two_level(
         warmup=warmup,
         draws=draws,
         thin=thin,
-        interweave=bool(interweave),
+        scheme=scheme,
         sigma_fixed=None if sigma_fixed is None else float(sigma_fixed),
         backend=backend,
     )

@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 from scipy import linalg as sla
 from scipy import optimize
+from scipy.special import ndtri
 
 from hierpipe.errors import ConfigError, InputError, MethodError
 from hierpipe.models.suffstats_lmm import LmmStats, lmm_suffstats, one_way_stats
@@ -154,6 +155,9 @@ class LmmFit:
         the outcome of each check.
     n_evaluations : criterion evaluations in all (optimiser, polish and checks).
     n_obs, n_groups : data size.
+    block_sizes : sizes of the diagonal blocks of :math:`\\Sigma`; coefficients in
+        different blocks are uncorrelated by the model (``||``). One block of
+        ``q`` for a fully correlated term.
     """
 
     method: str
@@ -182,6 +186,7 @@ class LmmFit:
     n_evaluations: int
     n_obs: int
     n_groups: int
+    block_sizes: tuple[int, ...] = ()
 
     @property
     def restricted_loglik(self) -> float:
@@ -198,27 +203,55 @@ class LmmFit:
 # theta <-> Lambda
 
 
-def _lower_index(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the lower triangle, column by column (lme4's order)."""
-    cols, rows = np.triu_indices(q)
-    return rows, cols
+def check_block_sizes(q: int, block_sizes: Sequence[int] | None) -> tuple[int, ...]:
+    """Sizes of the diagonal blocks of :math:`\\Sigma` (default: one block of ``q``).
+
+    Coefficients in different blocks are uncorrelated by the model (lme4's
+    ``(1 + x || g)``, which it writes as the two terms ``(1 | g) + (0 + x | g)``).
+    """
+    if block_sizes is None:
+        return (q,)
+    sizes = tuple(int(k) for k in block_sizes)
+    if any(k < 1 for k in sizes) or sum(sizes) != q:
+        raise InputError(f"block sizes {sizes} must be positive and add up to q = {q}")
+    return sizes
 
 
-def n_theta(q: int) -> int:
-    """Length of theta for ``q`` varying coefficients."""
-    return q * (q + 1) // 2
+def _lower_index(q: int, block_sizes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of the free entries of :math:`\\Lambda`, column by column.
+
+    One block: the lower triangle (lme4's order). Several blocks: the lower
+    triangle of each diagonal block, block after block, which is lme4's theta
+    for the equivalent list of terms (each term's theta in turn).
+    """
+    rows_all, cols_all = [], []
+    start = 0
+    for size in check_block_sizes(q, block_sizes):
+        cols, rows = np.triu_indices(size)
+        rows_all.append(rows + start)
+        cols_all.append(cols + start)
+        start += size
+    return np.concatenate(rows_all), np.concatenate(cols_all)
 
 
-def theta_to_factor(theta: np.ndarray, q: int) -> np.ndarray:
-    """The lower-triangular relative factor :math:`\\Lambda` from lme4's theta."""
+def n_theta(q: int, block_sizes: Sequence[int] | None = None) -> int:
+    """Length of theta for ``q`` varying coefficients in blocks of ``block_sizes``."""
+    return sum(k * (k + 1) // 2 for k in check_block_sizes(q, block_sizes))
+
+
+def theta_to_factor(
+    theta: np.ndarray, q: int, block_sizes: Sequence[int] | None = None
+) -> np.ndarray:
+    """The lower-triangular (block-diagonal) relative factor :math:`\\Lambda` from theta."""
     lam = np.zeros((q, q))
-    lam[_lower_index(q)] = theta
+    lam[_lower_index(q, block_sizes)] = theta
     return lam
 
 
-def factor_to_theta(lam: np.ndarray) -> np.ndarray:
-    """lme4's theta from a lower-triangular :math:`\\Lambda`."""
-    return np.asarray(lam, dtype=np.float64)[_lower_index(lam.shape[0])].copy()
+def factor_to_theta(lam: np.ndarray, block_sizes: Sequence[int] | None = None) -> np.ndarray:
+    """lme4's theta from a lower-triangular (block-diagonal) :math:`\\Lambda`."""
+    lam = np.asarray(lam, dtype=np.float64)
+    return lam[_lower_index(lam.shape[0], block_sizes)].copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -378,16 +411,23 @@ def _check_method(method: str) -> bool:
     return method == "REML"
 
 
-def criterion(stats: LmmStats, theta: np.ndarray, method: str = "REML") -> float:
+def criterion(
+    stats: LmmStats,
+    theta: np.ndarray,
+    method: str = "REML",
+    block_sizes: Sequence[int] | None = None,
+) -> float:
     """Profiled deviance (``"ML"``) or REML criterion at lme4's ``theta``.
 
     Parameters
     ----------
     stats : LmmStats
         From :func:`~hierpipe.models.suffstats_lmm.lmm_suffstats`.
-    theta : array (q(q+1)/2,)
+    theta : array (q(q+1)/2,), or (:func:`n_theta`,) with ``block_sizes``
         Lower triangle of the relative factor, column by column.
     method : ``"ML"`` or ``"REML"``.
+    block_sizes : sizes of the diagonal blocks of :math:`\\Sigma` (default: one
+        block, every pair of coefficients correlated; see :func:`check_block_sizes`).
 
     Returns
     -------
@@ -395,35 +435,59 @@ def criterion(stats: LmmStats, theta: np.ndarray, method: str = "REML") -> float
         :math:`-2\\ell` with :math:`\\beta` and :math:`\\sigma` profiled out
         (module docstring); equals lme4's ``devfun(theta)``.
     """
-    return _Objective(stats, _check_method(method)).value(np.asarray(theta, dtype=np.float64))
+    obj = _Objective(stats, _check_method(method), block_sizes)
+    return obj.value(np.asarray(theta, dtype=np.float64))
 
 
-def criterion_gradient(stats: LmmStats, theta: np.ndarray, method: str = "REML") -> np.ndarray:
-    """Exact gradient of :func:`criterion` with respect to ``theta`` (module docstring)."""
-    return _Objective(stats, _check_method(method)).grad(np.asarray(theta, dtype=np.float64))
+def criterion_gradient(
+    stats: LmmStats,
+    theta: np.ndarray,
+    method: str = "REML",
+    block_sizes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Exact gradient of :func:`criterion` with respect to ``theta`` (module docstring).
+
+    With several blocks it is the full-factor gradient at the free entries
+    (the others are held at zero by the model).
+    """
+    obj = _Objective(stats, _check_method(method), block_sizes)
+    return obj.grad(np.asarray(theta, dtype=np.float64))
 
 
 class _Objective:
     """The criterion and its gradient as functions of theta, counting evaluations."""
 
-    def __init__(self, stats: LmmStats, reml: bool) -> None:
+    def __init__(
+        self, stats: LmmStats, reml: bool, block_sizes: Sequence[int] | None = None
+    ) -> None:
         self.stats = stats
         self.blocks = _Blocks.of(stats)
         self.reml = reml
         self.q = stats.terms[0].q
-        self.index = _lower_index(self.q)
+        self.block_sizes = check_block_sizes(self.q, block_sizes)
+        self.index = _lower_index(self.q, self.block_sizes)
         self.n_evaluations = 0
+
+    def to_factor(self, theta: np.ndarray) -> np.ndarray:
+        """:math:`\\Lambda` from theta (zero outside the free entries)."""
+        lam = np.zeros((self.q, self.q))
+        lam[self.index] = theta
+        return lam
+
+    def to_theta(self, lam: np.ndarray) -> np.ndarray:
+        """Theta from :math:`\\Lambda` (its free entries)."""
+        return np.asarray(lam, dtype=np.float64)[self.index].copy()
 
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         self.n_evaluations += 1
-        lam = theta_to_factor(theta, self.q)
+        lam = self.to_factor(theta)
         dec = _decompose(self.stats, self.blocks, lam)
         f = float(_profiled(dec, self.stats.n_obs, self.stats.p, self.reml))
         return f, _gradient_factor(self.stats, self.blocks, lam, dec, self.reml)[self.index]
 
     def value(self, theta: np.ndarray) -> float:
         self.n_evaluations += 1
-        dec = _decompose(self.stats, self.blocks, theta_to_factor(theta, self.q))
+        dec = _decompose(self.stats, self.blocks, self.to_factor(theta))
         return float(_profiled(dec, self.stats.n_obs, self.stats.p, self.reml))
 
     def grad(self, theta: np.ndarray) -> np.ndarray:
@@ -520,9 +584,9 @@ def _canonical(
     factor is rebuilt by a semidefinite Cholesky; that boundary point is kept
     only if the criterion rises by at most ``SNAP_TOL``.
     """
-    lam = theta_to_factor(theta, obj.q)
+    lam = obj.to_factor(theta)
     lam = lam * np.where(np.diag(lam) < 0.0, -1.0, 1.0)
-    theta = factor_to_theta(lam)
+    theta = obj.to_theta(lam)
     record: dict[str, Any] = {"snapped": False}
     small_row = np.sqrt((lam**2).sum(axis=1)) < SINGULAR_TOL
     small_diag = np.diag(lam) < SINGULAR_TOL
@@ -531,7 +595,8 @@ def _canonical(
     snap = lam.copy()
     snap[small_row, :] = 0.0
     snap[np.diag_indices(obj.q)] = np.where(small_diag, 0.0, np.diag(snap))
-    snap_theta = factor_to_theta(_semidefinite_cholesky(snap @ snap.T))
+    # The semidefinite Cholesky factor of a block-diagonal matrix is block diagonal.
+    snap_theta = obj.to_theta(_semidefinite_cholesky(snap @ snap.T))
     f_snap = obj.value(snap_theta)
     record["criterion_change"] = f_snap - f
     if f_snap <= f + SNAP_TOL:
@@ -549,7 +614,7 @@ def _check_convergence(obj: _Objective, theta: np.ndarray) -> dict[str, Any]:
     at a singular fit, positive semidefinite (above ``-NEGATIVE_TOL``; flat
     directions are expected there, see :func:`_newton_step`).
     """
-    lam = theta_to_factor(theta, obj.q)
+    lam = obj.to_factor(theta)
     singular = bool(np.any(np.diag(lam) < SINGULAR_TOL))
     g_fd = _fd_gradient(obj, theta)
     hess = _fd_hessian(obj, theta)
@@ -607,7 +672,7 @@ def _optimise(obj: _Objective) -> tuple[np.ndarray, dict[str, Any]]:
 
     Every attempt is recorded; the one with the lower criterion is kept.
     """
-    start = factor_to_theta(np.eye(obj.q))
+    start = obj.to_theta(np.eye(obj.q))
     theta, f, record = _run_attempt(obj, start, "L-BFGS-B")
     attempts = [record]
     if not record["checks"]["passed"]:
@@ -694,12 +759,14 @@ def _assemble(
     names: tuple[tuple[str, ...], tuple[str, ...], str],
     convergence: dict[str, Any],
     n_evaluations: int,
+    block_sizes: Sequence[int] | None = None,
 ) -> LmmFit:
     """All reported quantities at the fitted theta (module docstring for the formulas)."""
     fixed_names, coef_names, group = names
     reml = method == "REML"
     q, n, p = stats.terms[0].q, stats.n_obs, stats.p
-    lam = theta_to_factor(theta, q)
+    blocks = check_block_sizes(q, block_sizes)
+    lam = theta_to_factor(theta, q, blocks)
     dec = _decompose(stats, _Blocks.of(stats), lam)
     sigma2 = dec.r2 / (n - p if reml else n)
     r_mat = stats.transform_matrix()
@@ -741,6 +808,7 @@ def _assemble(
         n_evaluations=int(n_evaluations),
         n_obs=n,
         n_groups=stats.terms[0].n_groups,
+        block_sizes=blocks,
     )
 
 
@@ -780,6 +848,7 @@ def fit_lmm_from_stats(
     fixed_names: Sequence[str] | None = None,
     coef_names: Sequence[str] | None = None,
     group_name: str = "g",
+    block_sizes: Sequence[int] | None = None,
 ) -> LmmFit:
     """Fit by ML or REML from precomputed statistics.
 
@@ -792,6 +861,11 @@ def fit_lmm_from_stats(
     coef_names : names of the columns of ``Z`` (default ``Z0, Z1, ...``); with
         ``group_name`` they name the boundary flags in brms style.
     group_name : name of the grouping factor.
+    block_sizes : sizes of the diagonal blocks of :math:`\\Sigma`, in the order of
+        the columns of ``Z`` (default: one block, all coefficients correlated).
+        ``(1 + x || g)`` is ``(1, 1)``: :math:`\\Lambda`, and so :math:`\\Sigma`, is
+        constrained to be diagonal, as lme4 does for the terms
+        ``(1 | g) + (0 + x | g)``.
 
     Returns
     -------
@@ -812,9 +886,11 @@ def fit_lmm_from_stats(
         _names(coef_names, q, "Z", "coef_names"),
         str(group_name),
     )
-    obj = _Objective(stats, reml)
+    obj = _Objective(stats, reml, block_sizes)
     theta, convergence = _optimise(obj)
-    return _assemble(stats, theta, method, names, convergence, obj.n_evaluations)
+    return _assemble(
+        stats, theta, method, names, convergence, obj.n_evaluations, obj.block_sizes
+    )
 
 
 def fit_lmm(
@@ -828,6 +904,7 @@ def fit_lmm(
     fixed_names: Sequence[str] | None = None,
     coef_names: Sequence[str] | None = None,
     group_name: str = "g",
+    block_sizes: Sequence[int] | None = None,
 ) -> LmmFit:
     """Fit :math:`y = X\\beta + Zb + e`, :math:`b_g \\sim N(0, \\Sigma)`, by ML or REML.
 
@@ -847,7 +924,7 @@ def fit_lmm(
         Group of each row, ``0 .. n_groups-1``; every group must occur.
     n_groups : int
         Number of groups.
-    method, fixed_names, coef_names, group_name
+    method, fixed_names, coef_names, group_name, block_sizes
         As in :func:`fit_lmm_from_stats`.
 
     Returns
@@ -861,8 +938,203 @@ def fit_lmm(
     """
     stats = lmm_suffstats(X, Z, y, group_codes, n_groups)
     return fit_lmm_from_stats(
-        stats, method=method, fixed_names=fixed_names, coef_names=coef_names, group_name=group_name
+        stats,
+        method=method,
+        fixed_names=fixed_names,
+        coef_names=coef_names,
+        group_name=group_name,
+        block_sizes=block_sizes,
     )
+
+
+# --------------------------------------------------------------------------------------
+# quantities at a fitted model
+
+
+def _at_fit(stats: LmmStats, fit: LmmFit) -> tuple[np.ndarray, _Decomp]:
+    """The relative factor and the decomposition at the fitted theta.
+
+    ``stats`` must be the statistics the fit was made from (same centring).
+    """
+    q = stats.terms[0].q
+    if fit.n_groups != stats.terms[0].n_groups or fit.n_obs != stats.n_obs:
+        raise InputError(
+            f"statistics of {stats.n_obs} rows in {stats.terms[0].n_groups} groups do not "
+            f"belong to a fit of {fit.n_obs} rows in {fit.n_groups} groups"
+        )
+    lam = theta_to_factor(np.asarray(fit.theta), q, fit.block_sizes or None)
+    return lam, _decompose(stats, _Blocks.of(stats), lam)
+
+
+def prediction_error_variances(
+    stats: LmmStats,
+    fit: LmmFit,
+    groups: np.ndarray,
+    x: np.ndarray,
+    z: np.ndarray,
+) -> np.ndarray:
+    r"""Variances of the errors of predicted group-level linear combinations.
+
+    For row :math:`i` with group :math:`g`, fixed-effects row :math:`x` (the
+    caller's coordinates) and random-effects row :math:`z`, the prediction
+    :math:`x^\top\hat\beta + z^\top\hat b_g` of :math:`x^\top\beta + z^\top b_g`
+    has error variance (Henderson 1975: the inverse of the mixed-model
+    equations, at the fitted covariance parameters)
+
+    .. math::
+        \sigma^2\left[w^\top M_g^{-1} w + d^\top C^{-1} d\right],\qquad
+        w = \Lambda^\top z,\quad d = R^\top x - P_g^\top w,
+
+    with :math:`M_g, P_g, C` as in the module docstring and :math:`R` the
+    centring transform (:meth:`~hierpipe.models.suffstats_lmm.LmmStats.transform_matrix`).
+    It counts the uncertainty of :math:`\hat\beta` and its covariance with
+    :math:`\hat b_g`; not that of the covariance parameters (a plug-in, as
+    every empirical-Bayes interval). With :math:`x = 0` it is ``b_sd_total``
+    squared; with :math:`z = 0` it is :math:`x^\top \mathrm{vcov}(\hat\beta)\, x`.
+
+    Parameters
+    ----------
+    stats : the statistics ``fit`` was computed from.
+    fit : LmmFit
+    groups : int array (k,)
+        Group index of each row.
+    x : float array (k, p)
+    z : float array (k, q)
+
+    Returns
+    -------
+    float array (k,)
+
+    References
+    ----------
+    Henderson, C. R. (1975). Best linear unbiased estimation and prediction under
+    a selection model. *Biometrics* 31, 423-447.
+    """
+    lam, dec = _at_fit(stats, fit)
+    g = np.asarray(groups, dtype=np.intp)
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    w = (z @ lam).T  # (q, k): Lambda' z for each row
+    m_inv_w = _batched_solve(dec.chol[:, :, g], w[:, None, :])[:, 0, :]
+    a = (x @ stats.transform_matrix()).T  # (p, k): R' x
+    d = a - np.einsum("qpk,qk->pk", dec.p_mat[:, :, g], w)
+    quad = np.sum(w * m_inv_w, axis=0) + np.einsum("pk,pr,rk->k", d, dec.c_inv, d)
+    return fit.sigma**2 * quad
+
+
+def effective_group_parameters(stats: LmmStats, fit: LmmFit) -> float:
+    r"""Effective number of group parameters, :math:`\sum_g \operatorname{tr}(H_g)`.
+
+    :math:`H_g = Z_g\Lambda M_g^{-1}\Lambda^\top Z_g^\top` maps a group's data
+    (less :math:`X_g\beta`) to its fitted random part, so
+    :math:`\operatorname{tr} H_g = q - \operatorname{tr} M_g^{-1}`: between 0
+    (complete pooling) and the rank of :math:`Z_g` (no pooling). For the
+    varying intercept it is :math:`\sum_g B_g`, :math:`B_g` the shrinkage weight
+    on the group's own mean (Hodges & Sargent 2001, "Counting degrees of
+    freedom in hierarchical and other richly-parameterised models",
+    *Biometrika* 88, 367-379).
+    """
+    _, dec = _at_fit(stats, fit)
+    q, _, g = dec.chol.shape
+    m_inv = _batched_solve(dec.chol, np.broadcast_to(np.eye(q)[:, :, None], (q, q, g)))
+    return float(q * g - np.trace(m_inv).sum())
+
+
+def _psi_blocks(fit: LmmFit) -> list[tuple[int, int]]:
+    """Index pairs ``(j, k)``, ``j < k``, of coefficients in the same block."""
+    pairs, start = [], 0
+    for size in fit.block_sizes or (len(fit.coef_names),):
+        pairs += [(start + j, start + k) for j in range(size) for k in range(j + 1, size)]
+        start += size
+    return pairs
+
+
+def _psi_to_theta(psi: np.ndarray, q: int, pairs: list[tuple[int, int]], obj: _Objective):
+    """Theta from log relative SDs (q) and Fisher z of the in-block correlations."""
+    s = np.exp(psi[:q])
+    corr = np.eye(q)
+    for (j, k), zval in zip(pairs, psi[q:], strict=True):
+        corr[j, k] = corr[k, j] = np.tanh(zval)
+    return obj.to_theta(np.linalg.cholesky(corr * np.outer(s, s)))
+
+
+def correlation_intervals(
+    stats: LmmStats, fit: LmmFit, level: float = 0.90
+) -> dict[tuple[int, int], dict[str, float]]:
+    r"""Wald intervals for the correlations of the varying coefficients, on Fisher's z.
+
+    The fitted covariance is re-expressed as :math:`\psi` = (log of each SD
+    relative to :math:`\sigma`, :math:`z_{jk} = \operatorname{atanh}\rho_{jk}` of
+    each in-block correlation); correlations do not depend on :math:`\sigma`,
+    so the criterion with :math:`\beta` and :math:`\sigma` profiled out is a
+    profile (restricted) likelihood for them, and
+
+    .. math::
+        \widehat{\operatorname{Var}}(\hat\psi) = 2 H_\psi^{-1},\qquad
+        z_{jk} \pm z_{(1+\text{level})/2}\,\mathrm{se}(z_{jk}),
+
+    :math:`H_\psi` the Hessian of the criterion (:math:`-2\ell`) in :math:`\psi`,
+    by central differences of its exact gradient (chain rule through
+    :math:`\theta(\psi)`, whose Jacobian is taken by central differences of
+    the smooth map). The interval is mapped back by tanh, so it stays inside
+    (-1, 1) (Fisher 1921; the usual Wald interval for correlations, e.g.
+    Pinheiro & Bates 2000, sec. 2.4.3, use the same transform).
+
+    Returns one entry per in-block pair ``(j, k)``: ``cor``, ``se`` (delta
+    method, :math:`(1-\rho^2)\,\mathrm{se}(z)`), ``se_z``, ``lo``, ``hi``. At a
+    singular fit (an SD at 0 or a correlation at +-1) :math:`\psi` is at
+    infinity and the entries are NaN.
+    """
+    pairs = _psi_blocks(fit)
+    if not pairs:
+        return {}
+    nan = {"cor": np.nan, "se": np.nan, "se_z": np.nan, "lo": np.nan, "hi": np.nan}
+    cor = np.asarray(fit.cor)
+    if fit.singular or any(1.0 - abs(cor[j, k]) < COR_TOL for j, k in pairs):
+        return {pr: {**nan, "cor": float(cor[pr])} for pr in pairs}
+    q = len(fit.coef_names)
+    obj = _Objective(stats, fit.method == "REML", fit.block_sizes or None)
+    rel = np.asarray(fit.Sigma) / fit.sigma**2
+    psi0 = np.concatenate(
+        [0.5 * np.log(np.diag(rel)), np.arctanh([cor[j, k] for j, k in pairs])]
+    )
+
+    def grad_psi(psi: np.ndarray) -> np.ndarray:
+        jac = np.empty((obj.index[0].size, psi.size))
+        for i in range(psi.size):
+            h = np.zeros(psi.size)
+            h[i] = 1e-6
+            jac[:, i] = (
+                _psi_to_theta(psi + h, q, pairs, obj) - _psi_to_theta(psi - h, q, pairs, obj)
+            ) / 2e-6
+        return jac.T @ obj.grad(_psi_to_theta(psi, q, pairs, obj))
+
+    k = psi0.size
+    hess = np.empty((k, k))
+    for i in range(k):
+        h = np.zeros(k)
+        h[i] = HESS_STEP * max(1.0, abs(psi0[i]))
+        hess[:, i] = (grad_psi(psi0 + h) - grad_psi(psi0 - h)) / (2.0 * h[i])
+    hess = 0.5 * (hess + hess.T)
+    try:
+        cov = 2.0 * np.linalg.inv(hess)
+    except np.linalg.LinAlgError:
+        return {pr: {**nan, "cor": float(cor[pr])} for pr in pairs}
+    zq = float(ndtri(0.5 + level / 2.0))
+    out = {}
+    for m, (j, kk) in enumerate(pairs):
+        var_z = cov[q + m, q + m]
+        se_z = float(np.sqrt(var_z)) if var_z > 0 else np.nan
+        z = psi0[q + m]
+        rho = float(cor[j, kk])
+        out[(j, kk)] = {
+            "cor": rho,
+            "se": (1.0 - rho**2) * se_z,
+            "se_z": se_z,
+            "lo": float(np.tanh(z - zq * se_z)),
+            "hi": float(np.tanh(z + zq * se_z)),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------

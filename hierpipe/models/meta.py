@@ -72,9 +72,12 @@ from scipy import linalg, optimize, stats
 from hierpipe.errors import ConfigError, InputError, MethodError
 
 __all__ = [
+    "FIXED",
     "METHODS",
+    "EggerTest",
     "MetaPrediction",
     "MetaResult",
+    "egger_test",
     "log_risk_ratio",
     "meta_fit",
     "meta_predict",
@@ -90,6 +93,8 @@ __all__ = [
 FloatArray = NDArray[np.float64]
 
 METHODS: tuple[str, ...] = ("DL", "PM", "ML", "REML", "HS", "SJ")
+# the fixed-effect (common-effect, inverse-variance) model: tau2 = 0 by assumption
+FIXED = "FE"
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 # Fisher scoring stops when a step is below this fraction of (tau2 + median v):
@@ -145,8 +150,10 @@ def _check_inputs(
 
 def _check_method(method: str) -> str:
     m = str(method).upper()
-    if m not in METHODS:
-        raise ConfigError(f"unknown tau2 method {method!r}; choose one of {', '.join(METHODS)}")
+    if m not in METHODS and m != FIXED:
+        raise ConfigError(
+            f"unknown tau2 method {method!r}; choose one of {', '.join(METHODS)} (or {FIXED})"
+        )
     return m
 
 
@@ -711,7 +718,8 @@ class MetaResult:
         Full and restricted log-likelihood at :math:`(\hat\beta, \hat\tau^2)`
         (metafor's ``fit.stats``, REML with the :math:`\tfrac12\log|X^\top X|` term).
     boundary : bool
-        True when :math:`\hat\tau^2 = 0`.
+        True when an estimator put :math:`\hat\tau^2` at 0 (never for ``"FE"``,
+        where 0 is the model's assumption).
     level : float
         Coverage of all intervals.
     """
@@ -798,8 +806,12 @@ def meta_fit(
         Sampling variances (:math:`\mathrm{se}^2`), finite and positive.
     X : array (k, p), optional
         Design matrix including the intercept column; default intercept only.
-    method : {"DL", "PM", "ML", "REML", "HS", "SJ"}
-        :math:`\tau^2` estimator (see the ``tau2_*`` functions).
+    method : {"DL", "PM", "ML", "REML", "HS", "SJ", "FE"}
+        :math:`\tau^2` estimator (see the ``tau2_*`` functions); ``"FE"`` is the
+        fixed-effect (common-effect) model, :math:`\tau^2 = 0` by assumption:
+        inverse-variance weights :math:`1/v_i`, no ``se_tau2``, and, as metafor's
+        ``method = "FE"``, :math:`I^2 = \max(0, (Q - (k-p))/Q)` and
+        :math:`H^2 = Q/(k-p)` (Higgins & Thompson 2002).
     knha : bool
         Knapp-Hartung adjustment of the coefficient tests (metafor ``test="knha"``).
     level : float
@@ -822,7 +834,7 @@ def meta_fit(
     lv = _check_level(level)
     k, p = X_.shape
 
-    tau2 = float(_ESTIMATORS[m](y_, v_, X_))
+    tau2 = 0.0 if m == FIXED else float(_ESTIMATORS[m](y_, v_, X_))
     fit = _wls(y_, v_, X_, tau2)
     fit0 = _wls(y_, v_, X_, 0.0)
 
@@ -847,6 +859,12 @@ def meta_fit(
     q_stat = max(0.0, fit0.rss)
     vt = (k - p) / fit0.tr_p
     tau2_lb, tau2_ub = _q_profile(y_, v_, X_, lv)
+    if m == FIXED:
+        # metafor's FE convention: I2 and H2 from Q (Higgins & Thompson 2002, eqs. 9-10)
+        i2 = max(0.0, 100.0 * (q_stat - (k - p)) / q_stat) if q_stat > 0 else 0.0
+        h2 = q_stat / (k - p)
+    else:
+        i2, h2 = 100.0 * tau2 / (vt + tau2), 1.0 + tau2 / vt
 
     lam = tau2 / (tau2 + v_)
     xb = np.einsum("ki,i->k", X_, fit.beta)
@@ -869,15 +887,15 @@ def meta_fit(
         df=df,
         s2w=float(s2w),
         tau2=tau2,
-        se_tau2=_se_tau2(m, y_, v_, X_, tau2, fit),
+        se_tau2=float("nan") if m == FIXED else _se_tau2(m, y_, v_, X_, tau2, fit),
         tau2_ci_lb=tau2_lb,
         tau2_ci_ub=tau2_ub,
         Q=q_stat,
         Q_df=k - p,
         Q_pval=float(stats.chi2.sf(q_stat, k - p)),
         vt=vt,
-        I2=100.0 * tau2 / (vt + tau2),
-        H2=1.0 + tau2 / vt,
+        I2=i2,
+        H2=h2,
         I2_ci_lb=100.0 * tau2_lb / (vt + tau2_lb),
         I2_ci_ub=100.0 * tau2_ub / (vt + tau2_ub),
         H2_ci_lb=1.0 + tau2_lb / vt,
@@ -890,7 +908,7 @@ def meta_fit(
         pi_hts_ub=float("nan"),
         loglik=_loglik_ml(fit, v_),
         loglik_reml=_loglik_reml(fit, v_, X_),
-        boundary=tau2 == 0.0,
+        boundary=tau2 == 0.0 and m != FIXED,
         level=lv,
     )
     if p == 1:
@@ -1009,3 +1027,90 @@ def log_risk_ratio(
     y = np.log((a / n1) / (c / n2))
     v = 1.0 / a - 1.0 / n1 + 1.0 / c - 1.0 / n2
     return y, v
+
+
+# ----------------------------------------------------------------------------
+# small-study effects
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EggerTest:
+    r"""Egger's regression test for funnel-plot asymmetry (see :func:`egger_test`).
+
+    Attributes
+    ----------
+    intercept, se : float
+        The intercept :math:`\hat b_0` (the asymmetry) and its standard error.
+    t, df, pval : float
+        :math:`t = \hat b_0/\mathrm{se}` on :math:`k - 2` degrees of freedom and its
+        two-sided p-value.
+    slope, slope_se : float
+        The slope (an effect estimate corrected for small-study effects) and its SE.
+    """
+
+    intercept: float
+    se: float
+    t: float
+    df: int
+    pval: float
+    slope: float
+    slope_se: float
+
+
+def egger_test(y: ArrayLike, v: ArrayLike) -> EggerTest:
+    r"""Egger's regression test (Egger, Davey Smith, Schneider & Minder 1997).
+
+    Ordinary least squares of the standardised effect on the precision,
+
+    .. math::
+
+        \frac{y_i}{s_i} = b_0 + b_1 \frac{1}{s_i} + \varepsilon_i, \qquad
+        s_i = \sqrt{v_i}, \qquad \varepsilon_i \sim N(0, \sigma^2),
+
+    with :math:`H_0: b_0 = 0` (a symmetric funnel) tested by :math:`t` on
+    :math:`k - 2` df. Equivalently, a weighted regression of :math:`y_i` on
+    :math:`s_i` with weights :math:`1/v_i` and a free dispersion, whose slope on
+    :math:`s_i` is :math:`b_0` (metafor's ``regtest(model = "lm")``, Sterne & Egger
+    2005). The test has low power with few studies (Sterne et al. 2011 advise
+    :math:`k \ge 10`).
+
+    Parameters
+    ----------
+    y, v : arrays (k,)
+        Effect sizes and sampling variances; :math:`k \ge 3`.
+
+    Returns
+    -------
+    EggerTest
+
+    Raises
+    ------
+    InputError
+        Bad inputs, fewer than three studies, or all standard errors equal (the
+        precision then does not vary and the intercept is not identified).
+    """
+    y_, v_, _ = _check_inputs(y, v, None)
+    k = y_.size
+    if k < 3:
+        raise InputError(f"Egger's test needs at least 3 studies, got {k}")
+    s = np.sqrt(v_)
+    X = np.column_stack([np.ones(k), 1.0 / s])
+    if np.ptp(X[:, 1]) <= 1e-12 * np.max(X[:, 1]):
+        raise InputError("Egger's test: all standard errors are equal, so it is not defined")
+    z = y_ / s
+    xtx_inv = np.linalg.inv(_cross(X, X))
+    b = xtx_inv @ np.einsum("ki,k->i", X, z)
+    resid = z - np.einsum("ki,i->k", X, b)
+    sigma2 = float(np.dot(resid, resid)) / (k - 2)
+    se = np.sqrt(sigma2 * np.diag(xtx_inv))
+    t = float(b[0] / se[0]) if se[0] > 0 else float("nan")
+    return EggerTest(
+        intercept=float(b[0]),
+        se=float(se[0]),
+        t=t,
+        df=k - 2,
+        pval=float(2.0 * stats.t.sf(abs(t), k - 2)),
+        slope=float(b[1]),
+        slope_se=float(se[1]),
+    )

@@ -50,9 +50,8 @@ def render_index(reports: list[Path], out: Path) -> None:
     items = []
     for r in sorted(reports):
         rel = Path(r).resolve().relative_to(out.resolve().parent)
-        items.append(
-            f'<li><a href="{html.escape(rel.as_posix())}">{html.escape(rel.parent.as_posix())}</a></li>'
-        )
+        href, name = html.escape(rel.as_posix()), html.escape(rel.parent.as_posix())
+        items.append(f'<li><a href="{href}">{name}</a></li>')
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>hierpipe studies</title></head><body><h1>hierpipe studies</h1><ul>\n"

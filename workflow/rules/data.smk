@@ -30,6 +30,7 @@ rule ingest:
         columns=lambda w: " ".join(
             f"--column {k}={v}" for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
         ),
+        effect_size=lambda w: S.effect_size_json(config, w.study),
         code=CODE_DATA,
     wildcard_constraints:
         study=alternation(INGESTED),
@@ -40,8 +41,8 @@ rule ingest:
         mem_mb=2000,
         runtime=10,
     shell:
-        "hierpipe ingest {input:q} --formula {params.formula:q} {params.columns} --out {output}"
-        " > {log} 2>&1"
+        "hierpipe ingest {input:q} --formula {params.formula:q} {params.columns}"
+        " --effect-size {params.effect_size:q} --out {output} > {log} 2>&1"
 
 
 rule share_data:

@@ -14,6 +14,34 @@ An engine module provides
 ``shrinkage(prepared, structure, summary, info) -> DataFrame``
     the per-group shrinkage table (see :mod:`hierpipe.diagnostics.checks`).
 
+Optional functions. The diagnose, cv and report stages call them when an engine
+has them and otherwise skip the check (``checks.json`` lists what was skipped;
+the declared output files are then written with no rows). The one-way engine
+implements all of them (:mod:`hierpipe.models.engines.one_way_checks`).
+
+``ppc_replicates(prepared, structure, summary, draws, rng, replicates) -> Replicates``
+    test statistics of replicated data sets: per group and overall mean, SD,
+    min and max (:mod:`hierpipe.diagnostics.ppc`); ``draws`` is the draws table
+    of a sampler fit, None for point estimators;
+``prior_predictive(prepared, structure, info, rng, size) -> DataFrame | None``
+    draws from a sampler fit's priors and what they imply on the outcome's
+    scale; None when the fit has no priors;
+``residuals(design, prepared, structure, summary) -> DataFrame``
+    observation-level Pearson residuals (:mod:`hierpipe.diagnostics.residuals`);
+``james_stein_table(prepared, structure) -> (DataFrame, dict) | None``
+    James–Stein / Efron–Morris estimates of the group means beside the fits'
+    (:mod:`hierpipe.diagnostics.shrinkage`);
+``logo_log_lik(prepared, structure, draws) -> ndarray (S, J)``
+    log density of each group's observations given each draw with the group's
+    own effect integrated out, for PSIS leave-one-group-out (:mod:`hierpipe.cv.psis`);
+``score_held_out_weighted(prepared, j, structure, draws, log_weights, rng) -> dict``
+    group ``j``'s CV row from full-data draws reweighted by PSIS;
+``kfold_split(design, prepared, structure, fold, k) -> (train, held)``
+    the statistics of the training rows and of the rows with ``fold == k``;
+``score_kfold(train, held, structure, method, settings, rng) -> list[dict]``
+    refit on ``train`` and score each group's held-out observations
+    (within-group K-fold, :mod:`hierpipe.cv.kfold`).
+
 Engines are imported on demand so a one-way study never loads the others.
 """
 
@@ -27,6 +55,8 @@ from hierpipe.models.structure import Structure
 
 ENGINES = {
     "one_way": "hierpipe.models.engines.one_way",
+    "lmm": "hierpipe.models.engines.lmm",
+    "meta": "hierpipe.models.engines.meta",
 }
 
 

@@ -6,6 +6,7 @@ Everything works from per-group :math:`(n_j, \bar y_j, S_j)`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,69 @@ METHODS = ("complete_pooling", "no_pooling", "eb_moments", "eb_ml", "eb_reml", "
 
 
 def prepare(design: Any, structure: Structure) -> GroupStats:
+    """Group statistics, named for messages; a constant outcome fails here.
+
+    A constant outcome leaves nothing to model: every variance is zero, the
+    likelihood of any method with a residual term is unbounded and leave-one-
+    group-out densities are infinite, so it is refused for every method.
+    """
+    y = design.y
+    if y.size and y.min() == y.max():
+        raise InputError(
+            f"{design.source}: column '{structure.response}' has the same value ({y[0]:.17g}) "
+            "in every row; there is no variation to model"
+        )
     term = design.random[0]
-    return group_stats(design.y, term.codes, term.labels)
+    stats = group_stats(y, term.codes, term.labels)
+    return replace(stats, source=design.source, response=structure.response, group=term.name)
 
 
 def group_labels(stats: GroupStats) -> tuple[str, ...]:
     return stats.labels
+
+
+GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "store_group_draws")
+
+
+def _check_settings(method: str, settings: dict[str, Any]) -> None:
+    """A misspelt setting is an error, not silently ignored.
+
+    Point fits ignore the sampler's settings (the CLI may pass them to any method).
+    """
+    unknown = sorted(set(settings) - set(GIBBS_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"fit method '{method}': unknown setting '{unknown[0]}' "
+            f"(known: {', '.join(GIBBS_KEYS)})"
+        )
+
+
+def _check_hierarchical(stats: GroupStats, method: str) -> None:
+    r"""Refuse data on which ``method``'s variance components are not defined.
+
+    With no within-group variation but replicated groups (:math:`SSW = 0 < N - J`)
+    the likelihood grows without bound as :math:`\sigma \to 0`, so ML/REML have
+    no maximum, the moment estimate is :math:`\hat\sigma = 0` where the
+    leave-one-group-out density is infinite, and the Gibbs posterior under a
+    half-Cauchy prior on :math:`\sigma` is improper (its marginal behaves like
+    :math:`\sigma^{-(N-J)}` near 0). With every group of size one,
+    :math:`\tau^2` and :math:`\sigma^2` enter the likelihood only through their
+    sum, so the EB methods cannot separate them (the Gibbs sampler can: its
+    proper priors do).
+    """
+    where = f"{stats.source}: column '{stats.response}'"
+    if stats.n_obs > stats.n_groups and stats.ssw == 0.0:
+        j = int(np.argmax(stats.n))
+        raise InputError(
+            f"{where} does not vary within any group of '{stats.group}' (group "
+            f"'{stats.labels[j]}' has {int(stats.n[j])} equal values), so {method} cannot "
+            "estimate sigma (its likelihood is unbounded at sigma = 0)"
+        )
+    if method != "gibbs" and stats.n_obs == stats.n_groups:
+        raise InputError(
+            f"{where}: every group of '{stats.group}' has one observation, so {method} cannot "
+            f"separate sigma from sd_{stats.group}__Intercept (fit gibbs or complete_pooling)"
+        )
 
 
 def _gibbs_settings(settings: dict[str, Any]) -> tuple[int, int, int]:
@@ -39,6 +97,9 @@ def _gibbs_settings(settings: dict[str, Any]) -> tuple[int, int, int]:
         raise ConfigError("gibbs settings chains, warmup and draws must be integers") from None
     if chains < 1 or warmup < 0 or draws < 10:
         raise ConfigError("gibbs needs chains >= 1, warmup >= 0 and draws >= 10")
+    from hierpipe.models.gibbs_fit import stored_groups
+
+    stored_groups(1, settings.get("store_group_draws"))  # fail before sampling, not after
     return chains, warmup, draws
 
 
@@ -47,6 +108,7 @@ def run_gibbs(stats: GroupStats, settings: dict[str, Any], rng: np.random.Genera
     from hierpipe.models.gibbs_fit import priors_from_config, resolve_priors
     from hierpipe.models.gibbs_twolevel import gibbs_two_level
 
+    _check_hierarchical(stats, "gibbs")
     chains, warmup, draws = _gibbs_settings(settings)
     priors = resolve_priors(stats, settings.get("priors"))
     sample = gibbs_two_level(
@@ -64,13 +126,9 @@ def run_gibbs(stats: GroupStats, settings: dict[str, Any], rng: np.random.Genera
 
 def eb_variances(stats: GroupStats, method: str) -> tuple[float, float, dict[str, Any]]:
     """Plug-in :math:`(\\tau^2, \\sigma^2)` and fit.json facts of an EB method."""
+    _check_hierarchical(stats, method)
     if method == "eb_moments":
         tau2_raw, sigma2, n0 = oneway.moments_variances(stats)
-        if not np.isfinite(sigma2):
-            raise InputError(
-                "eb_moments: no group has two or more observations, so the "
-                "within-group variance cannot be estimated"
-            )
         return max(tau2_raw, 0.0), sigma2, {"tau2_moments_raw": float(tau2_raw), "n0": n0}
     from hierpipe.models.lmm import one_way_reml
 
@@ -96,6 +154,7 @@ def fit(
 ) -> FitResult:
     """Fit ``y ~ 1 + (1 | group)`` by ``method`` from the group statistics."""
     group = structure.group
+    _check_settings(method, settings)
     if method == "complete_pooling":
         return oneway.complete_pooling(stats, group)
     if method == "no_pooling":
@@ -114,7 +173,9 @@ def fit(
         from hierpipe.models.gibbs_fit import gibbs_result
 
         sample, priors = run_gibbs(stats, settings, rng)
-        return gibbs_result(stats, group, sample, priors, rng)
+        return gibbs_result(
+            stats, group, sample, priors, rng, store_group_draws=settings.get("store_group_draws")
+        )
     raise ConfigError(f"unknown fit method '{method}'")
 
 
@@ -184,8 +245,12 @@ def shrinkage(
         lam = np.array([known[lab] for lab in stats.labels], dtype=float)
     else:
         dev = stats.ybar - pop
+        # A weight is undefined where a group's mean equals the population's to
+        # within rounding of the values' magnitude (scale-free: data around 1e-12
+        # must not all fall below an absolute threshold).
+        scale = max(abs(pop), float(np.max(np.abs(stats.ybar))))
         with np.errstate(divide="ignore", invalid="ignore"):
-            lam = np.where(np.abs(dev) > 1e-12 * (1 + abs(pop)), (theta - pop) / dev, np.nan)
+            lam = np.where(np.abs(dev) > 1e-12 * scale, (theta - pop) / dev, np.nan)
     return pd.DataFrame(
         {
             "group": pd.Series(stats.labels, dtype=str),
@@ -197,3 +262,17 @@ def shrinkage(
             "shrinkage": (1.0 - lam).astype(np.float64),
         }
     )
+
+
+# Optional engine functions (model checks, PSIS-LOGO, within-group K-fold); see
+# hierpipe.models.engines for the interface. Kept in their own module.
+from hierpipe.models.engines.one_way_checks import (  # noqa: E402, F401
+    james_stein_table,
+    kfold_split,
+    logo_log_lik,
+    ppc_replicates,
+    prior_predictive,
+    residuals,
+    score_held_out_weighted,
+    score_kfold,
+)
