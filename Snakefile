@@ -17,6 +17,7 @@ include: "workflow/rules/fit.smk"
 include: "workflow/rules/diagnose.smk"
 include: "workflow/rules/cv.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/sbc.smk"
 
 
 rule all:

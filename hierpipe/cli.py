@@ -138,7 +138,14 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from hierpipe.diagnostics.checks import diagnose_fit
 
-    diagnose_fit(args.data, args.formula, Path(args.fit_dir), Path(args.out))
+    diagnose_fit(
+        args.data,
+        args.formula,
+        Path(args.fit_dir),
+        Path(args.out),
+        seed=args.seed,
+        keys=args.key,
+    )
     print(f"diagnostics written to {args.out}")
 
 
@@ -168,9 +175,33 @@ def cmd_cv(args: argparse.Namespace) -> None:
         seed=args.seed,
         keys=args.key,
         source=str(args.data),
+        cv_method=args.method,
+        draws=read_table(args.draws) if args.draws else None,
     )
     write_parquet(table, args.out)
     print(f"scored {len(table)} held-out groups into {args.out}")
+
+
+def cmd_cv_kfold(args: argparse.Namespace) -> None:
+    from hierpipe.cv.kfold import run_kfold
+    from hierpipe.io import read_table, write_parquet
+
+    if not 0 <= args.chunk < args.chunks:
+        raise ConfigError(f"--chunk must lie in 0..{args.chunks - 1}, got {args.chunk}")
+    table = run_kfold(
+        read_table(args.data),
+        args.formula,
+        args.fit,
+        folds=args.folds,
+        chunk=args.chunk,
+        chunks=args.chunks,
+        settings=_settings(args.settings),
+        seed=args.seed,
+        keys=args.key,
+        source=str(args.data),
+    )
+    write_parquet(table, args.out)
+    print(f"scored {len(table)} held-out (group, fold) blocks into {args.out}")
 
 
 def cmd_cv_gather(args: argparse.Namespace) -> None:
@@ -184,7 +215,7 @@ def cmd_cv_compare(args: argparse.Namespace) -> None:
     from hierpipe.cv.compare import compare
     from hierpipe.io import write_parquet
 
-    write_parquet(compare(args.files), args.out)
+    write_parquet(compare(args.files, args.kfold), args.out)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -267,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--formula", required=True)
     s.add_argument("--fit-dir", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--key", action="append", default=[], help="seed spawn key (repeatable)")
     s.set_defaults(func=cmd_diagnose)
 
     s = sub.add_parser("convergence", help="R-hat, ESS and MCSE of a sampler's draws")
@@ -283,8 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--key", action="append", default=[])
     s.add_argument("--settings")
+    s.add_argument(
+        "--method",
+        choices=["exact", "psis"],
+        default="exact",
+        help="exact refits, or PSIS on the fit's draws with exact fallback",
+    )
+    s.add_argument("--draws", help="the fit's draws.parquet (for --method psis)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_cv)
+
+    s = sub.add_parser("cv-kfold", help="within-group K-fold scores of one chunk of folds")
+    s.add_argument("data")
+    s.add_argument("--formula", required=True)
+    s.add_argument("--fit", required=True)
+    s.add_argument("--folds", type=int, required=True)
+    s.add_argument("--chunk", type=int, default=0)
+    s.add_argument("--chunks", type=int, default=1)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--key", action="append", default=[])
+    s.add_argument("--settings")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_cv_kfold)
 
     s = sub.add_parser("cv-gather", help="join the chunks of one fit's folds")
     s.add_argument("chunks", nargs="+")
@@ -292,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_cv_gather)
 
     s = sub.add_parser("cv-compare", help="elpd and errors per fit, with standard errors")
-    s.add_argument("files", nargs="+")
+    s.add_argument("files", nargs="*", help="leave-one-group-out tables, one a fit")
+    s.add_argument("--kfold", nargs="*", default=[], help="within-group K-fold tables")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_cv_compare)
 

@@ -22,6 +22,14 @@ def study_seed(config: dict[str, Any], name: str) -> int:
     return int(study(config, name).get("seed", config.get("seed", 42)))
 
 
+def fit_seed(config: dict[str, Any], name: str, fit: str) -> int:
+    """The seed of one fit (and its CV folds): ``fit_seeds.FIT``, or the study's seed.
+
+    The data keep the study's seed, so changing one fit's seed reruns that fit alone.
+    """
+    return int(study(config, name).get("fit_seeds", {}).get(fit, study_seed(config, name)))
+
+
 def data_source(config: dict[str, Any], name: str) -> str:
     """``simulate``, ``file`` or ``study`` (data shared with another study)."""
     data = study(config, name)["data"]
@@ -66,6 +74,48 @@ def cv_fits(config: dict[str, Any], name: str) -> list[str]:
 
 def cv_chunks(config: dict[str, Any], name: str) -> int:
     return int(study(config, name).get("cv", {}).get("chunks", 1))
+
+
+def cv_method(config: dict[str, Any], name: str, fit: str) -> str:
+    """How ``fit`` leaves a group out: ``exact`` refits or ``psis`` (samplers' default)."""
+    chosen = study(config, name).get("cv", {}).get("method", {})
+    method = chosen.get(fit, "psis" if fit in SAMPLERS else "exact")
+    if method == "psis" and fit not in SAMPLERS:
+        raise ValueError(
+            f"study '{name}': cv.method.{fit} is 'psis', but PSIS needs posterior draws "
+            f"(samplers: {', '.join(sorted(SAMPLERS))})"
+        )
+    return method
+
+
+def cv_fit_chunks(config: dict[str, Any], name: str, fit: str) -> int:
+    """Jobs that score ``fit``'s leave-one-group-out folds.
+
+    ``cv.chunks`` for fits that refit a sampler in every fold (``exact``); one
+    job otherwise: closed forms and PSIS cost less than starting another job.
+    """
+    refits = fit in SAMPLERS and cv_method(config, name, fit) == "exact"
+    return cv_chunks(config, name) if refits else 1
+
+
+def kfold_folds(config: dict[str, Any], name: str) -> int:
+    """Folds of the within-group K-fold (``cv.kfold.folds``); 0 when it is off."""
+    return int(study(config, name).get("cv", {}).get("kfold", {}).get("folds", 0))
+
+
+def kfold_fits(config: dict[str, Any], name: str) -> list[str]:
+    """Fits scored by within-group K-fold (``cv.kfold.fits``, default all); none when off."""
+    if kfold_folds(config, name) == 0:
+        return []
+    chosen = study(config, name)["cv"]["kfold"].get("fits", fits(config, name))
+    return [f for f in chosen if f in fits(config, name)]
+
+
+def kfold_chunks(config: dict[str, Any], name: str, fit: str) -> int:
+    """Jobs that score ``fit``'s K-fold folds: ``cv.chunks`` (at most K) for samplers, else 1."""
+    if fit not in SAMPLERS:
+        return 1
+    return max(1, min(cv_chunks(config, name), kfold_folds(config, name)))
 
 
 def fit_settings(config: dict[str, Any], name: str, fit: str) -> dict[str, Any]:

@@ -72,7 +72,10 @@ def statsmodels_mixedlm(df: pd.DataFrame, reml: bool, diagonal: bool, fixed: str
         for opt in ("lbfgs", "bfgs") if diagonal else ("lbfgs", "powell"):
             if diagonal:
                 model = smf.mixedlm(
-                    f"score ~ {fixed}", data, groups="school", re_formula="1",
+                    f"score ~ {fixed}",
+                    data,
+                    groups="school",
+                    re_formula="1",
                     vc_formula={"ses": "0 + ses"},
                 )
             else:
@@ -107,9 +110,7 @@ def test_eb_summary_matches_statsmodels(method, diagonal):
     else:
         cov = sm.cov_re.to_numpy()
         sds = np.sqrt(np.diag(cov))
-        assert est["cor_school__Intercept__ses"] == pytest.approx(
-            cov[0, 1] / sds.prod(), abs=tol
-        )
+        assert est["cor_school__Intercept__ses"] == pytest.approx(cov[0, 1] / sds.prod(), abs=tol)
     assert est["sd_school__Intercept"] == pytest.approx(sds[0], rel=tol)
     assert est["sd_school__ses"] == pytest.approx(sds[1], rel=tol)
     # Conditional modes (BLUPs) at each program's estimates: same ~1e-5 agreement.
@@ -130,7 +131,8 @@ def test_treatment_coding_names_and_values_match_statsmodels():
     df = slopes_frame(8, groups=50)
     rng = np.random.default_rng(1)
     df["sector"] = pd.Series(rng.choice(["public", "catholic", "private"], len(df)), dtype="string")
-    df["score"] += np.where(df["sector"] == "public", -3.0, 0.0) + 1.5 * (df["sector"] == "private")
+    sector = df["sector"].to_numpy(dtype=object)
+    df["score"] += np.where(sector == "public", -3.0, 0.0) + np.where(sector == "private", 1.5, 0.0)
     formula = "score ~ 1 + ses * sector + (1 + ses | school)"
     result = fit(df, formula, "eb_reml")
     est = estimates(result)
@@ -138,8 +140,12 @@ def test_treatment_coding_names_and_values_match_statsmodels():
     # R's treatment coding: levels sorted, the first ('catholic') is the reference;
     # main effects, then the interaction with the first variable varying fastest.
     assert fixed == [
-        "b_Intercept", "b_ses", "b_sectorprivate", "b_sectorpublic",
-        "b_ses:sectorprivate", "b_ses:sectorpublic",
+        "b_Intercept",
+        "b_ses",
+        "b_sectorprivate",
+        "b_sectorpublic",
+        "b_ses:sectorprivate",
+        "b_ses:sectorpublic",
     ]
     assert result.info["reference_levels"] == {"sector": "catholic"}
     sm = statsmodels_mixedlm(df, True, False, fixed="ses * C(sector)")
@@ -281,12 +287,13 @@ def test_prediction_error_variances_match_dense_henderson(formula):
     df = slopes_frame(12, groups=15, size=[2, 8])
     data = prepared(df, formula)
     res = E.eb_lmm(data, "eb_reml")
-    X, y = data.X, data.y
+    X = data.X
     z_full, g_cov, v = dense_model(data, res)
-    # Henderson: Var([beta_hat - beta; b_hat - b]) = inverse of the mixed-model
-    # equations' matrix [[X'R^-1X, X'R^-1Z], [Z'R^-1X, Z'R^-1Z + G^-1]]; with G
-    # singular-safe form: error covariance of (beta, b) = [[C11, C12], [C21, C22]]
-    # computed as Cov(beta_hat) and G - G Z' P Z G, P = V^-1 - V^-1X(X'V^-1X)^-1X'V^-1.
+    # Henderson (1975): the errors (beta_hat - beta, b_hat - b) of GLS and BLUP have
+    # covariance [[C11, C21'], [C21, C22]] with C11 = (X'V^-1X)^-1,
+    # C22 = G - G Z' P Z G, P = V^-1 - V^-1 X C11 X' V^-1, and C21 = -G Z' V^-1 X C11
+    # (b_hat - b = G Z'V^-1 (y - X beta) - b - G Z'V^-1 X (beta_hat - beta), whose first
+    # part is uncorrelated with beta_hat); all dense n x n algebra.
     vi = np.linalg.inv(v)
     xtvx_inv = np.linalg.inv(X.T @ vi @ X)
     proj = vi - vi @ X @ xtvx_inv @ X.T @ vi
@@ -333,8 +340,9 @@ def test_group_log_density_matches_scipy_including_singular_covariance():
     for i in range(s):
         cov = w @ d[i] @ w.T + sigma2[i] * np.eye(n)
         # Woodbury + determinant lemma vs scipy's eigendecomposition of the n x n matrix.
-        assert ours[i] == pytest.approx(sps.multivariate_normal(np.zeros(n), cov).logpdf(resid[i]),
-                                        rel=1e-11)
+        assert ours[i] == pytest.approx(
+            sps.multivariate_normal(np.zeros(n), cov).logpdf(resid[i]), rel=1e-11
+        )
 
 
 @pytest.mark.parametrize("method", ["eb_reml", "eb_ml", "complete_pooling"])
@@ -353,8 +361,9 @@ def test_logo_density_matches_dense_multivariate_normal(method):
         s2 = np.sum((y - X @ beta) ** 2) / (len(y) - X.shape[1])
         beta_cov, big, sigma2 = s2 * np.linalg.inv(X.T @ X), np.zeros((2, 2)), s2
     else:
-        res = lmm.fit_lmm(X, Z, y, codes, data.n_groups - 1,
-                          method="REML" if method == "eb_reml" else "ML")
+        res = lmm.fit_lmm(
+            X, Z, y, codes, data.n_groups - 1, method="REML" if method == "eb_reml" else "ML"
+        )
         beta, beta_cov, big, sigma2 = res.beta, res.beta_cov, res.Sigma, res.sigma**2
     idx = data.codes == j
     xj, zj, yj = data.X[idx], data.Z[idx], data.y[idx]
@@ -366,8 +375,7 @@ def test_logo_density_matches_dense_multivariate_normal(method):
     n = len(yj)
     assert row["pred_mean"] == pytest.approx(np.mean(xj @ beta), rel=1e-7)
     sd = np.sqrt(np.ones(n) @ cov @ np.ones(n)) / n
-    assert row["pred_q95"] - row["pred_q5"] == pytest.approx(2 * 1.6448536269514722 * sd,
-                                                             rel=1e-6)
+    assert row["pred_q95"] - row["pred_q5"] == pytest.approx(2 * 1.6448536269514722 * sd, rel=1e-6)
     assert row["group"] == data.labels[j] and row["n"] == n
 
 
@@ -420,8 +428,9 @@ def test_correlation_interval_matches_dense_curvature(method):
     for a in range(3):
         for b in range(3):
             ea, eb = h * np.eye(3)[a], h * np.eye(3)[b]
-            hess[a, b] = (f(psi + ea + eb) - f(psi + ea - eb) - f(psi - ea + eb)
-                          + f(psi - ea - eb)) / (4 * h * h)
+            hess[a, b] = (
+                f(psi + ea + eb) - f(psi + ea - eb) - f(psi - ea + eb) + f(psi - ea - eb)
+            ) / (4 * h * h)
     se_z = np.sqrt(2 * np.linalg.inv(hess)[2, 2])
     # Second differences of a dense criterion (~500 in size) with h = 2e-3: truncation
     # ~h^2 f'''' ~1e-5 relative, rounding ~1e-13 * 500 / h^2 ~1e-5; 1e-3 covers both.
@@ -459,8 +468,14 @@ def test_summary_rows_predictions_and_shrinkage():
     result = E.fit(data, classify(parse_formula(SLOPES)), "eb_reml", {}, None)
     s = result.summary.set_index("parameter")
     labels = data.labels
-    expected = ["b_Intercept", "b_ses", "sd_school__Intercept", "sd_school__ses",
-                "cor_school__Intercept__ses", "sigma"]
+    expected = [
+        "b_Intercept",
+        "b_ses",
+        "sd_school__Intercept",
+        "sd_school__ses",
+        "cor_school__Intercept__ses",
+        "sigma",
+    ]
     expected += [f"r_school[{lab},{c}]" for lab in labels for c in ("Intercept", "ses")]
     expected += [f"coef_school[{lab},{c}]" for lab in labels for c in ("Intercept", "ses")]
     assert list(s.index) == expected  # and no icc_school with a varying slope
@@ -485,8 +500,14 @@ def test_summary_rows_predictions_and_shrinkage():
     np.testing.assert_allclose(table["no_pooling"], own[:, 0])
     np.testing.assert_allclose(table["no_pooling__ses"], own[:, 1])
     np.testing.assert_allclose(table["estimate__ses"], res.beta[1] + res.b_hat[:, 1], rtol=1e-12)
-    w = table["weight"].to_numpy()
-    assert np.all((w > 0) & (w < 1.2))  # pulled towards the population line
+    # The weight is defined by estimate = population + weight (own - population); with
+    # correlated coefficients it is descriptive and may leave [0, 1] (the intercept
+    # moves with the slope's shrinkage), so only the identity is checked.
+    np.testing.assert_allclose(
+        table["population"] + table["weight"] * (table["no_pooling"] - table["population"]),
+        table["estimate"],
+        rtol=1e-10,
+    )
     assert 0 < result.info["effective_parameters"] < 2 * len(labels)
 
 
@@ -502,7 +523,8 @@ def test_icc_only_for_a_varying_intercept():
 def test_gibbs_is_refused_until_the_sampler_exists(monkeypatch):
     real = E.importlib.util.find_spec
     monkeypatch.setattr(
-        E.importlib.util, "find_spec",
+        E.importlib.util,
+        "find_spec",
         lambda name, *a: None if name == "hierpipe.models.gibbs_lmm" else real(name, *a),
     )
     df = slopes_frame(2, groups=6)
@@ -513,19 +535,29 @@ def test_gibbs_is_refused_until_the_sampler_exists(monkeypatch):
 def test_gibbs_is_delegated_and_scored_from_its_draws(monkeypatch):
     """A stand-in sampler: the engine passes the data on and scores its draws' mixture."""
     rng = np.random.default_rng(3)
-    draws = pd.DataFrame({
-        "chain": np.zeros(4, int), "draw": np.arange(4),
-        "b_Intercept": 50 + rng.normal(size=4), "b_ses": 4 + rng.normal(size=4) * 0.1,
-        "sd_school__Intercept": [4.0, 5.0, 6.0, 5.5], "sd_school__ses": [1.0, 2.0, 1.5, 0.5],
-        "cor_school__Intercept__ses": [-0.5, 0.0, 0.3, -0.9], "sigma": [7.0, 8.0, 9.0, 8.5],
-    })
+    draws = pd.DataFrame(
+        {
+            "chain": np.zeros(4, int),
+            "draw": np.arange(4),
+            "b_Intercept": 50 + rng.normal(size=4),
+            "b_ses": 4 + rng.normal(size=4) * 0.1,
+            "sd_school__Intercept": [4.0, 5.0, 6.0, 5.5],
+            "sd_school__ses": [1.0, 2.0, 1.5, 0.5],
+            "cor_school__Intercept__ses": [-0.5, 0.0, 0.3, -0.9],
+            "sigma": [7.0, 8.0, 9.0, 8.5],
+        }
+    )
     calls = []
 
     def gibbs_lmm(data, settings, rng):
         calls.append((data.n_groups, settings))
-        return FitResult(summary=summary_frame([{"parameter": "sigma", "mean": 8.0, "sd": 0.1,
-                                                  "q5": 7.9, "q50": 8.0, "q95": 8.1}]),
-                         draws=draws, info={"priors": {"stated": "by the sampler"}})
+        return FitResult(
+            summary=summary_frame(
+                [{"parameter": "sigma", "mean": 8.0, "sd": 0.1, "q5": 7.9, "q50": 8.0, "q95": 8.1}]
+            ),
+            draws=draws,
+            info={"priors": {"stated": "by the sampler"}},
+        )
 
     module = types.ModuleType("hierpipe.models.gibbs_lmm")
     module.gibbs_lmm = gibbs_lmm
@@ -577,8 +609,14 @@ def test_slopes_design_truth_generates_the_data():
 def test_reml_recovers_the_slopes_design():
     """30 simulated studies of 40 schools x 12: mean REML estimates near the truth,
     and the Fisher-z interval for the correlation covers it about 90% of the time."""
-    truth = {"b_Intercept": 50.0, "b_ses": 4.0, "sd_school__Intercept": 5.0,
-             "sd_school__ses": 2.0, "cor_school__Intercept__ses": -0.4, "sigma": 8.0}
+    truth = {
+        "b_Intercept": 50.0,
+        "b_ses": 4.0,
+        "sd_school__Intercept": 5.0,
+        "sd_school__ses": 2.0,
+        "cor_school__Intercept__ses": -0.4,
+        "sigma": 8.0,
+    }
     reps = 30
     est = {k: [] for k in truth}
     covered = []

@@ -139,13 +139,14 @@ def relative_efficiency(loglik: np.ndarray, chain: np.ndarray) -> np.ndarray:
 
 
 def gather(paths: Sequence[str]) -> pd.DataFrame:
-    """Join chunk tables into one, ordered by group label."""
+    """Join chunk tables into one, ordered by group label (and fold, for K-fold tables)."""
     parts = [pd.read_parquet(p) for p in paths]
     # a chunk with no folds (more chunks than groups) has untyped columns; leave it
     # out so it cannot turn the float columns into objects
     parts = [t for t in parts if len(t)] or parts[:1]
     out = pd.concat(parts, ignore_index=True)
-    return out.sort_values("group", kind="stable").reset_index(drop=True)
+    keys = ["group", "fold"] if "fold" in out.columns else ["group"]
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def fold_groups(n_groups: int, chunk: int, chunks: int) -> np.ndarray:

@@ -125,11 +125,3 @@ def run_kfold(
     for c in ("n", "elpd", "pred_mean", "pred_q5", "pred_q95", "observed_mean", "error"):
         out[c] = out[c].astype(np.float64)
     return out
-
-
-def gather(paths: Sequence[str]) -> pd.DataFrame:
-    """Join chunk tables into one, ordered by group and fold."""
-    parts = [pd.read_parquet(p) for p in paths]
-    parts = [t for t in parts if len(t)] or parts[:1]
-    out = pd.concat(parts, ignore_index=True)
-    return out.sort_values(["group", "fold"], kind="stable").reset_index(drop=True)

@@ -164,7 +164,166 @@ def slopes(
     return Simulated(data=data, truth=truth)
 
 
-DESIGNS = {"two_level": two_level, "slopes": slopes}
+def three_level(
+    rng: np.random.Generator,
+    *,
+    schools: int = 20,
+    classrooms: Any = 4,
+    students: Any = 10,
+    mu: float = 70.0,
+    sd_school: float = 5.0,
+    sd_classroom: float = 3.0,
+    sigma: float = 10.0,
+    group: str = "school",
+    subgroup: str = "classroom",
+    outcome: str = "score",
+    prefix: str = "S",
+    subprefix: str = "C",
+) -> Simulated:
+    r"""Students in classrooms in schools, fitted by ``score ~ 1 + (1 | school/classroom)``.
+
+    .. math::
+        a_s \sim N(0, \sigma^2_{school}),\quad c_{sk} \sim N(0, \sigma^2_{classroom}),
+        \quad y_{ski} \sim N(\mu + a_s + c_{sk}, \sigma^2).
+
+    ``classrooms`` (per school) and ``students`` (per classroom) are ints
+    (balanced) or ``[lo, hi]`` (uniform on lo..hi). Classrooms are labelled
+    within their school (``C01`` of ``S01`` is not ``C01`` of ``S02``). The
+    truth holds ``b_Intercept``, both ``sd_``, ``sigma``, the ICCs
+    :math:`\rho_{school} = \sigma^2_{school}/(\sigma^2_{school} + \sigma^2_{classroom}
+    + \sigma^2)` and :math:`\rho_{school:classroom} = \sigma^2_{classroom}/(\sigma^2_{classroom}
+    + \sigma^2)`, and each group's ``r_`` and ``coef_`` (lme4's ``coef``:
+    :math:`\mu` + that factor's effect only).
+    """
+    if schools < 2:
+        raise ConfigError(f"design parameter 'schools' must be at least 2, got {schools}")
+    if sd_school < 0 or sd_classroom < 0 or sigma <= 0:
+        raise ConfigError("design parameters need sd_school, sd_classroom >= 0 and sigma > 0")
+    if group == subgroup or outcome in (group, subgroup):
+        raise ConfigError("design parameters group, subgroup and outcome must be three names")
+    school_labels = group_labels(prefix, schools)
+    per_school = group_sizes(classrooms, schools, rng)
+    class_school = np.repeat(np.arange(schools), per_school)
+    class_index = np.concatenate([np.arange(m) for m in per_school])
+    sub_labels = group_labels(subprefix, int(per_school.max()))
+    size = group_sizes(students, class_school.size, rng)
+    a = sd_school * rng.standard_normal(schools)
+    c = sd_classroom * rng.standard_normal(class_school.size)
+    row_class = np.repeat(np.arange(class_school.size), size)
+    row_school = class_school[row_class]
+    y = mu + a[row_school] + c[row_class] + sigma * rng.standard_normal(row_class.size)
+    data = pd.DataFrame(
+        {
+            group: pd.Series(np.asarray(school_labels, dtype=object)[row_school], dtype="string"),
+            subgroup: pd.Series(
+                np.asarray(sub_labels, dtype=object)[class_index[row_class]], dtype="string"
+            ),
+            outcome: y,
+        }
+    )
+    nested = f"{group}:{subgroup}"
+    class_labels = [
+        f"{school_labels[s]}:{sub_labels[k]}"
+        for s, k in zip(class_school, class_index, strict=True)
+    ]
+    total = sd_school**2 + sd_classroom**2 + sigma**2
+    rows = [
+        ("b_Intercept", mu),
+        (f"sd_{group}__Intercept", sd_school),
+        (f"sd_{nested}__Intercept", sd_classroom),
+        ("sigma", sigma),
+        (f"icc_{group}", sd_school**2 / total),
+        (f"icc_{nested}", sd_classroom**2 / (sd_classroom**2 + sigma**2)),
+    ]
+    rows += [(f"r_{group}[{lab},Intercept]", v) for lab, v in zip(school_labels, a, strict=True)]
+    rows += [(f"r_{nested}[{lab},Intercept]", v) for lab, v in zip(class_labels, c, strict=True)]
+    rows += [
+        (f"coef_{group}[{lab},Intercept]", mu + v) for lab, v in zip(school_labels, a, strict=True)
+    ]
+    rows += [
+        (f"coef_{nested}[{lab},Intercept]", mu + v) for lab, v in zip(class_labels, c, strict=True)
+    ]
+    truth = pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "float64"})
+    return Simulated(data=data, truth=truth)
+
+
+def crossed(
+    rng: np.random.Generator,
+    *,
+    students: int = 60,
+    teachers: int = 8,
+    per_student: Any = 3,
+    size: Any = 1,
+    mu: float = 50.0,
+    sd_student: float = 4.0,
+    sd_teacher: float = 2.0,
+    sigma: float = 5.0,
+    outcome: str = "y",
+) -> Simulated:
+    r"""Students crossed with teachers, fitted by ``y ~ 1 + (1 | student) + (1 | teacher)``.
+
+    .. math::
+        s_i \sim N(0, \sigma^2_{student}),\quad t_h \sim N(0, \sigma^2_{teacher}),
+        \quad y_{ihr} \sim N(\mu + s_i + t_h, \sigma^2).
+
+    The incidence is sparse: each student sees ``per_student`` distinct teachers
+    drawn at random (an int, or ``[lo, hi]``), with ``size`` observations per
+    student-teacher pair (an int, or ``[lo, hi]``). Teachers that no student
+    drew do not appear. Columns ``student`` (labels ``P001``...), ``teacher``
+    (``T01``...) and ``outcome``; the ICCs in the truth are shares of the total
+    variance.
+    """
+    if students < 2 or teachers < 2:
+        raise ConfigError("design parameters 'students' and 'teachers' must be at least 2")
+    if sd_student < 0 or sd_teacher < 0 or sigma <= 0:
+        raise ConfigError("design parameters need sd_student, sd_teacher >= 0 and sigma > 0")
+    k = group_sizes(per_student, students, rng)
+    if k.max() > teachers:
+        raise ConfigError(
+            f"design parameter 'per_student' ({int(k.max())}) exceeds 'teachers' ({teachers})"
+        )
+    # each student's teachers: the first k_i of a random permutation of all teachers
+    perms = np.argsort(rng.random((students, teachers)), axis=1)
+    pair_student = np.repeat(np.arange(students), k)
+    pair_teacher = np.concatenate([perms[i, : k[i]] for i in range(students)])
+    reps = group_sizes(size, pair_student.size, rng)
+    row_s = np.repeat(pair_student, reps)
+    row_t = np.repeat(pair_teacher, reps)
+    s_eff = sd_student * rng.standard_normal(students)
+    t_eff = sd_teacher * rng.standard_normal(teachers)
+    y = mu + s_eff[row_s] + t_eff[row_t] + sigma * rng.standard_normal(row_s.size)
+    s_labels = group_labels("P", students)
+    t_labels = group_labels("T", teachers)
+    if outcome in ("student", "teacher"):
+        raise ConfigError("design parameter 'outcome' must differ from 'student' and 'teacher'")
+    data = pd.DataFrame(
+        {
+            "student": pd.Series(np.asarray(s_labels, dtype=object)[row_s], dtype="string"),
+            "teacher": pd.Series(np.asarray(t_labels, dtype=object)[row_t], dtype="string"),
+            outcome: y,
+        }
+    )
+    seen = np.unique(row_t)
+    total = sd_student**2 + sd_teacher**2 + sigma**2
+    rows = [
+        ("b_Intercept", mu),
+        ("sd_student__Intercept", sd_student),
+        ("sd_teacher__Intercept", sd_teacher),
+        ("sigma", sigma),
+        ("icc_student", sd_student**2 / total),
+        ("icc_teacher", sd_teacher**2 / total),
+    ]
+    rows += [(f"r_student[{lab},Intercept]", v) for lab, v in zip(s_labels, s_eff, strict=True)]
+    rows += [(f"r_teacher[{t_labels[h]},Intercept]", t_eff[h]) for h in seen]
+    rows += [
+        (f"coef_student[{lab},Intercept]", mu + v) for lab, v in zip(s_labels, s_eff, strict=True)
+    ]
+    rows += [(f"coef_teacher[{t_labels[h]},Intercept]", mu + t_eff[h]) for h in seen]
+    truth = pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "float64"})
+    return Simulated(data=data, truth=truth)
+
+
+DESIGNS = {"two_level": two_level, "slopes": slopes, "three_level": three_level, "crossed": crossed}
 
 
 def simulate(design: str, rng: np.random.Generator, **params: Any) -> Simulated:

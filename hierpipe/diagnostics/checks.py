@@ -95,7 +95,11 @@ def diagnose_fit(
     checks = {
         "method": info.get("method"),
         "icc": _icc(summary, model.structure.group),
-        "effective_parameters": float(np.nansum(table["weight"])),
+        # an engine that knows the trace of the hat matrix exactly (LMM: the weights
+        # are per coefficient and do not add up to it) reports it in fit.json
+        "effective_parameters": float(
+            info.get("effective_parameters", np.nansum(table["weight"]))
+        ),
         "groups": len(table),
         "predictions": info.get("predictions", []),
         "warnings": info.get("warnings", []),

@@ -7,7 +7,9 @@ same four over all observations. The posterior predictive p-value of a
 statistic is :math:`p = \Pr(T(y^{rep}) \ge T(y))`, estimated by the share of
 replicates at or above the observed value (Gelman, Carlin, Stern, Dunson,
 Vehtari & Rubin 2013, BDA3 ch. 6). A p-value below 0.025 or above 0.975 marks
-the statistic as extreme: the model rarely reproduces it.
+the statistic as extreme: the model rarely reproduces it; up to the replicates'
+discreteness, that is an observed value outside the central 95% of the
+replicated ones (``rep_q025`` to ``rep_q975``).
 
 Replicates never touch the raw data: for the normal model
 :math:`y_{ij} \sim N(\theta_j, \sigma^2)`, given :math:`(\theta, \sigma)` each
@@ -45,8 +47,10 @@ PPC_COLUMNS = [
     "statistic",
     "observed",
     "rep_mean",
+    "rep_q025",
     "rep_q5",
     "rep_q95",
+    "rep_q975",
     "p_value",
     "extreme",
 ]
@@ -161,7 +165,7 @@ def _rows(scope, labels, n, stat, obs, rep) -> pd.DataFrame:
     with np.errstate(all="ignore"):
         finite = np.where(np.isfinite(rep2), rep2, np.nan)
         rep_mean = np.nanmean(finite, axis=0) if finite.size else np.nan
-        q5, q95 = np.nanquantile(finite, [0.05, 0.95], axis=0)
+        q025, q5, q95, q975 = np.nanquantile(finite, [0.025, 0.05, 0.95, 0.975], axis=0)
     return pd.DataFrame(
         {
             "scope": scope,
@@ -170,8 +174,10 @@ def _rows(scope, labels, n, stat, obs, rep) -> pd.DataFrame:
             "statistic": stat,
             "observed": obs1,
             "rep_mean": rep_mean,
+            "rep_q025": q025,
             "rep_q5": q5,
             "rep_q95": q95,
+            "rep_q975": q975,
             "p_value": p,
             "extreme": (p < P_EXTREME[0]) | (p > P_EXTREME[1]),
         }

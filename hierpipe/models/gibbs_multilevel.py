@@ -100,6 +100,7 @@ class MultilevelSettings:
     draws: int = 1000
     thin: int = 1
     scheme: Scheme = "collapsed"
+    steps: int = 5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,6 +271,69 @@ def _initial(stats: CellStats, chains: int, rng: np.random.Generator) -> np.ndar
     return base[:, None] + rng.normal(0.0, 0.5, size=(chains, stats.K + 1))
 
 
+def _rwm(ev, priors, settings, rng):
+    """Collapsed scheme with a multivariate random-walk Metropolis update of the log-SDs.
+
+    Proposal :math:`N(u, \lambda^2 \Sigma)` per chain; during warm-up only,
+    :math:`\Sigma` is re-estimated from the chain's draws at iterations 50, 100,
+    200, ... and :math:`\log\lambda` follows a Robbins-Monro recursion towards
+    an acceptance rate of 0.3 (Roberts & Rosenthal 2009); afterwards the kernel
+    is fixed. ``settings.steps`` Metropolis steps are taken an iteration.
+    """
+    st = ev.stats
+    C, K, d = settings.chains, st.K, st.K + 1
+    marg = _Marginal(ev, priors)
+    u = _initial(st, C, rng)
+    lp = marg.logp(u)
+    chol = np.broadcast_to(np.eye(d) * 0.3, (C, d, d)).copy()
+    log_lam = np.zeros(C)
+    total = settings.warmup + settings.draws * settings.thin
+    keep_u = np.empty((C, settings.draws, d))
+    keep_b = np.empty((C, settings.draws, st.p))
+    keep_r = [np.empty((C, settings.draws, g)) for g in st.group_counts]
+    history = np.empty((C, max(settings.warmup, 1), d))
+    adapt_at, window_start = ADAPT_FIRST, 0
+    accepted = 0.0
+    steps = settings.steps
+    sums = st.sums
+    for it in range(total):
+        for _ in range(steps):
+            z = rng.standard_normal((C, d, 1))
+            prop = u + np.exp(log_lam)[:, None] * (chol @ z)[..., 0]
+            lp_prop = marg.logp(prop)
+            acc = np.log(rng.uniform(size=C)) < lp_prop - lp
+            u = np.where(acc[:, None], prop, u)
+            lp = np.where(acc, lp_prop, lp)
+            if it < settings.warmup:
+                log_lam += (acc - 0.3) / (it + 1.0) ** 0.6
+            else:
+                accepted += acc.mean()
+        if it < settings.warmup:
+            history[:, it] = u
+            if it + 1 == adapt_at:
+                window = history[:, window_start : it + 1]
+                cov = np.einsum("cti,ctj->cij", window - window.mean(1, keepdims=True),
+                                window - window.mean(1, keepdims=True)) / max(window.shape[1] - 1, 1)
+                cov = cov * 2.38**2 / d + 1e-6 * np.eye(d)
+                chol = np.linalg.cholesky(cov)
+                log_lam[:] = 0.0
+                window_start, adapt_at = it + 1, 2 * adapt_at
+            continue
+        k = it - settings.warmup
+        if k % settings.thin:
+            continue
+        j = k // settings.thin
+        beta, theta2 = marg.draw_beta(u, rng)
+        effects = ev.draw(theta2, np.exp(u[:, -1]), residual_sums(sums, beta), rng)
+        keep_u[:, j] = u
+        keep_b[:, j] = beta
+        for f in range(K):
+            keep_r[f][:, j] = effects[f]
+    n_kept = max(total - settings.warmup, 1) * steps
+    stats = {"acceptance_rate": accepted / n_kept, "metropolis_steps_per_iteration": steps}
+    return keep_u, keep_b, keep_r, stats
+
+
 def _collapsed(ev, priors, settings, rng):
     st = ev.stats
     C, K = settings.chains, st.K
@@ -401,7 +465,7 @@ def gibbs_multilevel(
         raise ValueError("statistics batch must be 1 or the number of chains")
     if settings.chains < 1 or settings.warmup < 0 or settings.draws < 1 or settings.thin < 1:
         raise ConfigError("gibbs needs chains >= 1, warmup >= 0, draws >= 1 and thin >= 1")
-    run = {"collapsed": _collapsed, "plain": _plain}.get(settings.scheme)
+    run = {"collapsed": _rwm, "slice": _collapsed, "plain": _plain}.get(settings.scheme)
     if run is None:
         raise ConfigError(f"unknown gibbs scheme '{settings.scheme}' (collapsed or plain)")
     u, beta, r, stats = run(ev, priors, settings, rng)

@@ -117,7 +117,7 @@ class NestedEvaluator:
         return logdet, Q - drop
 
     def _down(self, th: np.ndarray, kept: list, noise: tuple | None):
-        """Top-down pass: modes (``noise`` None) or draws, and conditional variances.
+        r"""Top-down pass: modes (``noise`` None) or draws, and conditional variances.
 
         ``A`` is the sum of the ancestors' effects (modes or draws) and ``VA`` its
         conditional variance given y (relative to sigma^2): with

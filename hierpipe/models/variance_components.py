@@ -332,11 +332,21 @@ def _batched_cholesky_logdet(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def profile_out(logdet: np.ndarray, Q: np.ndarray, n: int, p: int, reml: bool) -> Profiled:
-    """The ML or REML criterion from :math:`(\\log|V_\\theta|, Q)` (module docstring)."""
+    """The ML or REML criterion from :math:`(\\log|V_\\theta|, Q)` (module docstring).
+
+    Rows whose :math:`X^\\top V_\\theta^{-1}X` is not numerically positive definite
+    (only at extreme variance ratios) get an infinite criterion.
+    """
+    bad = np.zeros(np.shape(logdet), dtype=bool)
     if p:
         xvx = Q[..., :p, :p]
         xvy = Q[..., :p, p]
-        chol, logdet_xvx = _batched_cholesky_logdet(xvx)
+        try:
+            chol, logdet_xvx = _batched_cholesky_logdet(xvx)
+        except np.linalg.LinAlgError:
+            bad = ~np.all(np.linalg.eigvalsh(xvx) > 0, axis=-1)
+            xvx = np.where(bad[..., None, None], np.eye(p), xvx)
+            chol, logdet_xvx = _batched_cholesky_logdet(xvx)
         beta = np.linalg.solve(xvx, xvy[..., None])[..., 0]
         r2 = Q[..., p, p] - np.einsum("...i,...i->...", xvy, beta)
     else:
@@ -344,11 +354,13 @@ def profile_out(logdet: np.ndarray, Q: np.ndarray, n: int, p: int, reml: bool) -
         beta = Q[..., :0, 0]
         logdet_xvx = np.zeros_like(logdet)
         r2 = Q[..., 0, 0]
+    bad = bad | ~(r2 > 0)
     r2 = np.maximum(r2, np.finfo(float).tiny)
     df = n - p if reml else n
     crit = logdet + df * (1.0 + np.log(2.0 * np.pi * r2 / df))
     if reml:
         crit = crit + logdet_xvx
+    crit = np.where(bad, np.inf, crit)
     return Profiled(crit, beta, r2, logdet, logdet_xvx, xvx)
 
 
@@ -367,7 +379,8 @@ def absolute_criterion(
     prof = profile_out(logdet, Q, n, p, reml)
     df = n - p if reml else n
     crit = logdet + df * np.log(2.0 * np.pi * sigma2) + prof.r2 / sigma2
-    return crit + prof.logdet_xvx if reml else crit
+    crit = crit + prof.logdet_xvx if reml else crit
+    return np.where(np.isfinite(prof.criterion), crit, np.inf)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -451,7 +464,14 @@ def with_gradient(
         d = x.size
         pts = np.vstack([x, x + h * np.eye(d), x - h * np.eye(d)])
         v = fb(pts)
-        return float(v[0]), (v[1 : d + 1] - v[d + 1 :]) / (2 * h)
+        fwd, bwd = v[1 : d + 1], v[d + 1 :]
+        with np.errstate(invalid="ignore"):
+            g = np.where(
+                np.isfinite(fwd) & np.isfinite(bwd),
+                (fwd - bwd) / (2 * h),
+                np.where(np.isfinite(fwd), (fwd - v[0]) / h, (v[0] - bwd) / h),
+            )
+        return float(v[0]), np.where(np.isfinite(g), g, 0.0)
 
     return fg
 
@@ -694,7 +714,17 @@ def _search_limit(g: Callable[[float], float], start: float, step: float, stop: 
     a, x = start, start + step
     while (step > 0 and x < stop) or (step < 0 and x > stop):
         if g(x) > 0:
-            return optimize.brentq(g, min(a, x), max(a, x), xtol=1e-4)
+            # bisection: g is a profile (an inner minimisation), continuous but
+            # not exactly reproducible at 1e-9, which root finders that check
+            # the bracket's signs do not tolerate
+            inside, outside = a, x
+            while abs(outside - inside) > 1e-4:
+                mid = 0.5 * (inside + outside)
+                if g(mid) > 0:
+                    outside = mid
+                else:
+                    inside = mid
+            return 0.5 * (inside + outside)
         a, x = x, x + step
         step *= 1.6
     return None
@@ -708,7 +738,17 @@ def _limit(
     a, x = x_hat, x_hat + step
     while (x < stop) if step > 0 else (x > stop):
         if g(x) > 0:
-            return optimize.brentq(g, min(a, x), max(a, x), xtol=1e-4)
+            # bisection: g is a profile (an inner minimisation), continuous but
+            # not exactly reproducible at 1e-9, which root finders that check
+            # the bracket's signs do not tolerate
+            inside, outside = a, x
+            while abs(outside - inside) > 1e-4:
+                mid = 0.5 * (inside + outside)
+                if g(mid) > 0:
+                    outside = mid
+                else:
+                    inside = mid
+            return 0.5 * (inside + outside)
         a, x = x, x + step
         step *= 1.6
     return None
@@ -740,13 +780,24 @@ def profile_intervals(fit: ComponentsFit, ev: Evaluator, dens: list[tuple[int, .
     def limits(idx: int, fix: Callable, x_hat: float, to_c: Callable[[float], float],
                zero_low: bool, x_lo: float, x_hi: float) -> tuple[float, float]:
         others = [j for j in range(K + 1) if j != idx]
-        bounds = [(floor, None) if j < K else (None, None) for j in others]
+        # nuisance log variances within 1e-12..1e8 of the total (1e-8..1e8 for sigma^2):
+        # wide enough for any profile, narrow enough to keep X'V^-1 X well conditioned
+        top = float(np.log(1e8 * scale))
+        bounds = [(floor, top) if j < K else (floor + np.log(1e4), top) for j in others]
         state = {"nu": phi_hat[others].copy()}
+
+        # a second start with every variance off the floor: in log variance the
+        # criterion is flat near 0, so a start on the floor would stay there
+        # even where the constrained optimum has that variance positive
+        lifted = np.maximum(phi_hat[others], np.log(0.05 * scale))
 
         def g(x: float) -> float:
             c = to_c(x)
-            val, state["nu"] = _inner_min(lambda nu: f.batch(fix(c, nu)), state["nu"], bounds)
-            return val - best - CHI2_90
+            fb = lambda nu: f.batch(fix(c, nu))  # noqa: E731
+            val, nu = _inner_min(fb, state["nu"], bounds)
+            val2, nu2 = _inner_min(fb, lifted, bounds)
+            state["nu"] = nu if val <= val2 else nu2
+            return min(val, val2) - best - CHI2_90
 
         lo = 0.0
         if not zero_low:

@@ -19,6 +19,7 @@ from hierpipe.sbc import CASE_MODULES
 
 __all__ = [
     "RANK_COLUMNS",
+    "SBC_DEFAULTS",
     "Replicates",
     "SBCCase",
     "SBCSettings",
@@ -31,6 +32,19 @@ __all__ = [
 ]
 
 RANK_COLUMNS = ["case", "replication", "parameter", "rank", "draws", "thin", "warmup"]
+
+# The full run of ``snakemake sbc`` (config ``sbc:`` overrides each key; the
+# schema states the same defaults). 1000 replications give a chi-square test on
+# 20 bins 50 expected ranks a bin; L = 99 draws make 100 possible ranks.
+SBC_DEFAULTS: dict[str, object] = {
+    "cases": None,  # None: every registered case
+    "replications": 1000,
+    "chunks": 4,
+    "draws": 99,
+    "thin": 3,
+    "warmup": 500,
+    "bins": 20,
+}
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,68 @@
-def cv_chunk_files(wildcards):
-    k = S.cv_chunks(config, wildcards.study)
-    return [f"{RESULTS}/{wildcards.study}/cv/chunks/{wildcards.fit}/{i}.parquet" for i in range(k)]
+# Cross-validation (hierpipe.cv): leave-one-group-out (new groups) and
+# within-group K-fold (new observations of known groups), then one comparison.
+# A fit whose folds each refit a sampler is split into cv.chunks jobs that run
+# in parallel and are gathered; every other fit is scored by one job that
+# writes its table directly (fewer jobs: start-up dominates cheap folds).
+import shlex
+
+for _s in STUDIES:
+    for _f in S.cv_fits(config, _s):
+        S.cv_method(config, _s, _f)  # fails at load time on psis for a point fit
+
+
+def _draws_path(w):
+    return f"{RESULTS}/{w.study}/fits/{w.fit}/draws.parquet"
+
+
+def _score_args(w, folds=None):
+    """The scoring options shared by the chunk jobs and the single-job command."""
+    args = [
+        "--formula", S.study(config, w.study)["formula"],
+        "--fit", w.fit,
+        "--seed", str(S.study_seed(config, w.study)),
+        "--key", w.study,
+        "--settings", S.fit_settings_json(config, w.study, w.fit),
+    ]
+    if folds is not None:
+        args += ["--folds", str(folds)]
+    elif S.cv_method(config, w.study, w.fit) == "psis":
+        args += ["--method", "psis", "--draws", _draws_path(w)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _logo_scoring_inputs(w):
+    files = {"data": data_path(w)}
+    if S.cv_method(config, w.study, w.fit) == "psis":
+        files["draws"] = _draws_path(w)
+    return files
+
+
+def _chunk_paths(kind, w, k):
+    return [f"{RESULTS}/{w.study}/cv/{kind}/{w.fit}/{i}.parquet" for i in range(k)]
+
+
+# --------------------------------------------------------------- leave-one-group-out
+
+
+def logo_inputs(w):
+    k = S.cv_fit_chunks(config, w.study, w.fit)
+    return {"chunks": _chunk_paths("chunks", w, k)} if k > 1 else _logo_scoring_inputs(w)
+
+
+def logo_command(wildcards, input):
+    if S.cv_fit_chunks(config, wildcards.study, wildcards.fit) > 1:
+        return "hierpipe cv-gather " + " ".join(shlex.quote(p) for p in input.chunks)
+    return f"hierpipe cv {shlex.quote(input.data)} {_score_args(wildcards)} --chunk 0 --chunks 1"
 
 
 rule cv_chunk:
     input:
-        data=data_path,
+        unpack(_logo_scoring_inputs),
     output:
         f"{RESULTS}/{{study}}/cv/chunks/{{fit}}/{{chunk}}.parquet",
     params:
-        formula=lambda w: S.study(config, w.study)["formula"],
-        settings=lambda w: S.fit_settings_json(config, w.study, w.fit),
-        seed=lambda w: S.study_seed(config, w.study),
-        chunks=lambda w: S.cv_chunks(config, w.study),
+        args=_score_args,
+        chunks=lambda w: S.cv_fit_chunks(config, w.study, w.fit),
         code=CODE,
     log:
         log_path("cv_{fit}_{chunk}.log"),
@@ -21,29 +71,91 @@ rule cv_chunk:
         mem_mb=2000,
         runtime=60,
     shell:
-        "hierpipe cv {input.data} --formula {params.formula:q} --fit {wildcards.fit}"
-        " --chunk {wildcards.chunk} --chunks {params.chunks} --seed {params.seed}"
-        " --key {wildcards.study} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "hierpipe cv {input.data} {params.args} --chunk {wildcards.chunk} --chunks {params.chunks}"
+        " --out {output} > {log} 2>&1"
 
 
 rule cv_fit:
     input:
-        cv_chunk_files,
+        unpack(logo_inputs),
     output:
         f"{RESULTS}/{{study}}/cv/{{fit}}.parquet",
+    params:
+        command=logo_command,
+        code=CODE,
     log:
         log_path("cv_{fit}.log"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=2000,
+        runtime=60,
     shell:
-        "hierpipe cv-gather {input} --out {output} > {log} 2>&1"
+        "{params.command} --out {output} > {log} 2>&1"
+
+
+# --------------------------------------------------------------- within-group K-fold
+
+
+def kfold_inputs(w):
+    k = S.kfold_chunks(config, w.study, w.fit)
+    return {"chunks": _chunk_paths("kfold_chunks", w, k)} if k > 1 else {"data": data_path(w)}
+
+
+def kfold_command(wildcards, input):
+    w = wildcards
+    if S.kfold_chunks(config, w.study, w.fit) > 1:
+        return "hierpipe cv-gather " + " ".join(shlex.quote(p) for p in input.chunks)
+    args = _score_args(w, folds=S.kfold_folds(config, w.study))
+    return f"hierpipe cv-kfold {shlex.quote(input.data)} {args} --chunk 0 --chunks 1"
+
+
+rule kfold_chunk:
+    input:
+        data=data_path,
+    output:
+        f"{RESULTS}/{{study}}/cv/kfold_chunks/{{fit}}/{{chunk}}.parquet",
+    params:
+        args=lambda w: _score_args(w, folds=S.kfold_folds(config, w.study)),
+        chunks=lambda w: S.kfold_chunks(config, w.study, w.fit),
+        code=CODE,
+    log:
+        log_path("kfold_{fit}_{chunk}.log"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "hierpipe cv-kfold {input.data} {params.args} --chunk {wildcards.chunk}"
+        " --chunks {params.chunks} --out {output} > {log} 2>&1"
+
+
+rule kfold_fit:
+    input:
+        unpack(kfold_inputs),
+    output:
+        f"{RESULTS}/{{study}}/cv/kfold/{{fit}}.parquet",
+    params:
+        command=kfold_command,
+        code=CODE,
+    log:
+        log_path("kfold_{fit}.log"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "{params.command} --out {output} > {log} 2>&1"
+
+
+# --------------------------------------------------------------- comparison
 
 
 rule cv_compare:
     input:
-        lambda w: [f"{RESULTS}/{w.study}/cv/{f}.parquet" for f in S.cv_fits(config, w.study)],
+        logo=lambda w: [f"{RESULTS}/{w.study}/cv/{f}.parquet" for f in S.cv_fits(config, w.study)],
+        kfold=lambda w: [
+            f"{RESULTS}/{w.study}/cv/kfold/{f}.parquet" for f in S.kfold_fits(config, w.study)
+        ],
     output:
         f"{RESULTS}/{{study}}/cv/comparison.parquet",
     log:
@@ -53,4 +165,4 @@ rule cv_compare:
         mem_mb=1000,
         runtime=5,
     shell:
-        "hierpipe cv-compare {input} --out {output} > {log} 2>&1"
+        "hierpipe cv-compare {input.logo} --kfold {input.kfold} --out {output} > {log} 2>&1"

@@ -1,16 +1,45 @@
+# One diagnose job a fit: it reads the data once and writes every check of the
+# fit (hierpipe.diagnostics.checks). Sampler fits also get convergence and the
+# prior predictive check, from their draws.
+DIAG = f"{RESULTS}/{{study}}/diagnostics/{{fit}}"
+DIAGNOSE_SHELL = (
+    "hierpipe diagnose {input.data} --formula {params.formula:q} --fit-dir {params.fitdir}"
+    " --out {params.outdir} --seed {params.seed} --key {wildcards.study} --key {wildcards.fit}"
+    " > {log} 2>&1"
+)
+
+
+def diagnose_params():
+    return dict(
+        formula=lambda w: S.study(config, w.study)["formula"],
+        outdir=lambda w: f"{RESULTS}/{w.study}/diagnostics/{w.fit}",
+        fitdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
+        seed=lambda w: S.study_seed(config, w.study),
+        code=CODE,
+    )
+
+
+def diagnose_outputs():
+    return dict(
+        shrinkage=f"{DIAG}/shrinkage.parquet",
+        checks=f"{DIAG}/checks.json",
+        ppc=f"{DIAG}/ppc.parquet",
+        ppc_overall=f"{DIAG}/ppc_overall.parquet",
+        residuals=f"{DIAG}/residuals.parquet",
+    )
+
+
 rule diagnose:
     input:
         data=data_path,
         summary=f"{RESULTS}/{{study}}/fits/{{fit}}/summary.parquet",
         info=f"{RESULTS}/{{study}}/fits/{{fit}}/fit.json",
     output:
-        shrinkage=f"{RESULTS}/{{study}}/diagnostics/{{fit}}/shrinkage.parquet",
-        checks=f"{RESULTS}/{{study}}/diagnostics/{{fit}}/checks.json",
+        **diagnose_outputs(),
     params:
-        formula=lambda w: S.study(config, w.study)["formula"],
-        outdir=lambda w: f"{RESULTS}/{w.study}/diagnostics/{w.fit}",
-        fitdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
-        code=CODE,
+        **diagnose_params(),
+    wildcard_constraints:
+        fit=alternation(POINT_FITS),
     log:
         log_path("diagnose_{fit}.log"),
     threads: 1
@@ -18,24 +47,28 @@ rule diagnose:
         mem_mb=2000,
         runtime=10,
     shell:
-        "hierpipe diagnose {input.data} --formula {params.formula:q} --fit-dir {params.fitdir}"
-        " --out {params.outdir} > {log} 2>&1"
+        DIAGNOSE_SHELL
 
 
-rule convergence:
+rule diagnose_sampler:
     input:
+        data=data_path,
+        summary=f"{RESULTS}/{{study}}/fits/{{fit}}/summary.parquet",
+        info=f"{RESULTS}/{{study}}/fits/{{fit}}/fit.json",
         draws=f"{RESULTS}/{{study}}/fits/{{fit}}/draws.parquet",
     output:
-        f"{RESULTS}/{{study}}/diagnostics/{{fit}}/convergence.parquet",
+        **diagnose_outputs(),
+        convergence=f"{DIAG}/convergence.parquet",
+        prior_predictive=f"{DIAG}/prior_predictive.parquet",
     params:
-        code=CODE,
+        **diagnose_params(),
     wildcard_constraints:
         fit=alternation(SAMPLER_FITS),
     log:
-        log_path("convergence_{fit}.log"),
+        log_path("diagnose_{fit}.log"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=4000,
+        runtime=20,
     shell:
-        "hierpipe convergence {input.draws} --out {output} > {log} 2>&1"
+        DIAGNOSE_SHELL

@@ -9,7 +9,7 @@ def fit_params():
     return dict(
         formula=lambda w: S.study(config, w.study)["formula"],
         settings=lambda w: S.fit_settings_json(config, w.study, w.fit),
-        seed=lambda w: S.study_seed(config, w.study),
+        seed=lambda w: S.fit_seed(config, w.study, w.fit),
         outdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
         code=CODE,
     )

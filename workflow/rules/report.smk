@@ -9,9 +9,12 @@ def report_inputs(wildcards):
         files[f"summary_{f}"] = f"{RESULTS}/{s}/fits/{f}/summary.parquet"
         files[f"info_{f}"] = f"{RESULTS}/{s}/fits/{f}/fit.json"
         files[f"checks_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/checks.json"
+        for name in ("ppc", "ppc_overall", "residuals", "shrinkage"):
+            files[f"{name}_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/{name}.parquet"
     for f in S.sampler_fits(config, s):
         files[f"convergence_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/convergence.parquet"
-    if S.cv_fits(config, s):
+        files[f"prior_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/prior_predictive.parquet"
+    if S.cv_fits(config, s) or S.kfold_fits(config, s):
         files["cv"] = f"{RESULTS}/{s}/cv/comparison.parquet"
     if S.is_simulated(config, s):
         files["truth"] = f"{RESULTS}/{s}/truth.parquet"

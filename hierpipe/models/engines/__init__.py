@@ -57,6 +57,7 @@ ENGINES = {
     "one_way": "hierpipe.models.engines.one_way",
     "lmm": "hierpipe.models.engines.lmm",
     "meta": "hierpipe.models.engines.meta",
+    "multilevel": "hierpipe.models.engines.multilevel",
 }
 
 

@@ -301,7 +301,9 @@ def prediction_points(data: LmmData) -> list[Point]:
     shares), so the fitted value there is the average fitted value. Then, for
     the first varying slope that is a numeric predictor entering no
     interaction, that predictor at its mean minus and plus one SD, the rest at
-    the mean row.
+    the mean row. Predictions for existing groups (fitted mean, new
+    observation; :func:`example_groups`) are reported at the mean row, those for
+    a new group at every point.
     """
     x0, z0 = data.X.mean(axis=0), data.Z.mean(axis=0)
     shown = [(n, x0[k]) for k, n in enumerate(data.fixed_names) if n != "Intercept"][:4]
@@ -423,6 +425,7 @@ def complete_pooling(data: LmmData) -> FitResult:
     info = {
         "df": fit.df,
         "reference_levels": data.ref_levels,
+        "effective_parameters": 0.0,
         "predictions": preds,
         "warnings": [],
     }
@@ -557,9 +560,9 @@ def no_pooling(data: LmmData) -> FitResult:
             name = f"coef_{data.group}[{lab},{data.coef_names[c]}]"
             rows.append(point_row(name, m, s, m - t * s, m + t * s))
     preds = []
-    for pt in prediction_points(data):
+    for i, pt in enumerate(prediction_points(data)):
         xs = pt.x[est.shared]
-        for g in example_groups(data):
+        for g in example_groups(data) if i == 0 else []:
             lab = data.labels[g]
             if not est.used[g]:
                 continue
@@ -578,7 +581,7 @@ def no_pooling(data: LmmData) -> FitResult:
                     t,
                 )
             )
-        for target in ("new_group_mean", "new_observation_new_group"):
+        for target in ("new_group_mean", "new_observation_new_group") if i == 0 else ():
             preds.append(
                 {
                     **_prediction(target, pt.at, np.nan, np.nan, ""),
@@ -588,6 +591,8 @@ def no_pooling(data: LmmData) -> FitResult:
     info = {
         "df": est.df,
         "groups_left_out": left_out,
+        # each group's own q coefficients (the rank of Z_g for the groups used)
+        "effective_parameters": float(len(data.coef_names) * est.used.sum()),
         "reference_levels": data.ref_levels,
         "predictions": preds,
         "warnings": warnings,
@@ -763,11 +768,12 @@ def eb_predictions(data: LmmData, fit: LmmFit) -> list[dict[str, Any]]:
     beta, cov, big = np.asarray(fit.beta), np.asarray(fit.beta_cov), np.asarray(fit.Sigma)
     out = []
     groups = example_groups(data)
-    for pt in prediction_points(data):
+    for i, pt in enumerate(prediction_points(data)):
+        # existing groups at the mean row only; the new group along the grid too
         pev = prediction_error_variances(
             data.stats, fit, np.array(groups), np.tile(pt.x, (2, 1)), np.tile(pt.z, (2, 1))
         )
-        for g, v in zip(groups, pev, strict=True):
+        for g, v in zip(groups, pev, strict=True) if i == 0 else ():
             lab = data.labels[g]
             m = float(pt.x @ beta + pt.z @ fit.b_hat[g])
             how = "existing group: fixed + conditional mode; SE with beta's uncertainty"

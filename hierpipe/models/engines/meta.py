@@ -728,6 +728,73 @@ def score_held_out(
     }
 
 
+def logo_log_lik(data: MetaData, structure: Structure, draws: pd.DataFrame) -> FloatArray:
+    r""":math:`\log N(y_j \mid \mu^{(s)}, \tau^{(s)2} + v_j)` per draw and study, shape (S, k).
+
+    The study's own effect :math:`\theta_j` integrated out, so PSIS leave-one-study-out
+    (:mod:`hierpipe.cv.psis`) reweights the draws of :math:`(\mu, \tau)` by
+    :math:`1/p(y_j \mid \mu, \tau)` exactly.
+    """
+    mu = draws["b_Intercept"].to_numpy(dtype=np.float64)[:, None]
+    tau = draws[f"sd_{structure.group}__Intercept"].to_numpy(dtype=np.float64)[:, None]
+    return stats.norm.logpdf(data.y[None, :], mu, np.sqrt(tau**2 + data.v[None, :]))
+
+
+def _weighted_quantiles(x: FloatArray, w: FloatArray, probs: list[float]) -> FloatArray:
+    """Quantiles of the weighted sample ``(x, w)`` (``w`` sums to 1), by the inverse ECDF."""
+    order = np.argsort(x, kind="stable")
+    cum = np.cumsum(w[order])
+    idx = np.minimum(np.searchsorted(cum, probs, side="left"), x.size - 1)
+    return x[order][idx]
+
+
+def score_held_out_weighted(
+    data: MetaData,
+    j: int,
+    structure: Structure,
+    draws: pd.DataFrame,
+    log_weights: FloatArray,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Study ``j``'s CV row from full-data draws reweighted (PSIS) to leave it out.
+
+    As :func:`score_held_out` for ``gibbs``, with weighted means and quantiles of
+    the draws; the prediction interval without the study is the 95% one (this
+    interface receives no settings, so ``meta.level`` does not reach it).
+    """
+    w = np.exp(log_weights - logsumexp(log_weights))
+    mu = draws["b_Intercept"].to_numpy(dtype=np.float64)
+    tau = draws[f"sd_{structure.group}__Intercept"].to_numpy(dtype=np.float64)
+    yj, vj = float(data.y[j]), float(data.v[j])
+    sd_draw = np.sqrt(tau**2 + vj)
+    elpd = float(logsumexp(stats.norm.logpdf(yj, mu, sd_draw), b=w))
+    z = rng.standard_normal((2, mu.size))
+    y_sim = mu + sd_draw * z[0]
+    q5, q95 = _weighted_quantiles(y_sim, w, [0.05, 0.95])
+    # the interface passes no settings, so the prediction interval is at the default level
+    lo, hi = _weighted_quantiles(mu + tau * z[1], w, [0.025, 0.975])
+    mean = float(w @ mu)
+    pred_sd = float(np.sqrt(w @ (sd_draw**2 + mu**2) - mean**2))
+    return {
+        "group": data.labels[j],
+        "n": 1.0,
+        "elpd": elpd,
+        "pred_mean": mean,
+        "pred_q5": float(q5),
+        "pred_q95": float(q95),
+        "observed_mean": yj,
+        "error": yj - mean,
+        "covered": bool(q5 <= yj <= q95),
+        "se": float(np.sqrt(vj)),
+        "std_residual": (yj - mean) / pred_sd,
+        "mu": mean,
+        "mu_se": float(np.sqrt(max(w @ mu**2 - mean**2, 0.0))),
+        "tau": float(w @ tau),
+        "pi_lb": float(lo),
+        "pi_ub": float(hi),
+    }
+
+
 def shrinkage(
     data: MetaData, structure: Structure, summary: pd.DataFrame, info: dict[str, Any]
 ) -> pd.DataFrame:

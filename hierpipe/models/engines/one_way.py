@@ -89,14 +89,15 @@ def _check_hierarchical(stats: GroupStats, method: str) -> None:
 
 
 def _gibbs_settings(settings: dict[str, Any]) -> tuple[int, int, int]:
-    try:
-        chains = int(settings.get("chains", 4))
-        warmup = int(settings.get("warmup", 1000))
-        draws = int(settings.get("draws", 1000))
-    except (TypeError, ValueError):
-        raise ConfigError("gibbs settings chains, warmup and draws must be integers") from None
-    if chains < 1 or warmup < 0 or draws < 10:
-        raise ConfigError("gibbs needs chains >= 1, warmup >= 0 and draws >= 10")
+    values = []
+    for key, default, low in (("chains", 4, 1), ("warmup", 1000, 0), ("draws", 1000, 10)):
+        v = settings.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ConfigError(f"gibbs setting '{key}' must be an integer, got {v!r}")
+        if v < low:
+            raise ConfigError(f"gibbs setting '{key}' must be >= {low}, got {v}")
+        values.append(int(v))
+    chains, warmup, draws = values
     from hierpipe.models.gibbs_fit import stored_groups
 
     stored_groups(1, settings.get("store_group_draws"))  # fail before sampling, not after

@@ -1,4 +1,4 @@
-"""Convergence of every sampler fit: R-hat, ESS, MCSE and trace plots."""
+"""Convergence of every sampler fit: R-hat, ESS, MCSE, trace and rank plots."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Any
 
 import pandas as pd
 
-from hierpipe.report import plots
+from hierpipe.report import checkplots
 from hierpipe.report.context import StudyContext
+
+MCSE_COLUMNS = ("mcse_mean", "mcse_q5", "mcse_q95")
 
 
 def build(ctx: StudyContext) -> dict[str, Any] | None:
@@ -22,12 +24,13 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
             {
                 "fit": fit,
                 "rows": hyper.to_dict("records"),
+                "mcse": [c for c in MCSE_COLUMNS if c in conv.columns],
                 "worst_rhat": float(conv["rhat"].max()),
                 "min_ess": float(conv[["ess_bulk", "ess_tail"]].min().min()),
                 "settings": f.info.get("settings", {}),
                 "priors": f.info.get("priors", {}),
                 "flags": f.checks.get("convergence_flags", []),
-                "trace": plots.trace_plot(draws, list(hyper["parameter"])),
+                "figure": checkplots.trace_rank_plot(draws, list(hyper["parameter"])),
             }
         )
     return {"samplers": samplers} if samplers else None

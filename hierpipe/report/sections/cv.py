@@ -1,4 +1,4 @@
-"""Leave-one-group-out comparison of the fits."""
+"""Cross-validation: new groups (leave-one-group-out) and new observations (K-fold)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,77 @@ from typing import Any
 
 import pandas as pd
 
-from hierpipe.report import plots
+from hierpipe.cv.compare import per_group_elpd
+from hierpipe.cv.psis import khat_threshold
+from hierpipe.report import checkplots
 from hierpipe.report.context import StudyContext
+
+TITLES = {
+    "new_group": "New groups: leave-one-group-out",
+    "known_group": "New observations of known groups: within-group K-fold",
+}
+
+
+def _tables(ctx: StudyContext, folder: str, fits: list[str]) -> dict[str, pd.DataFrame]:
+    out = {}
+    for fit in fits:
+        p = ctx.study_dir / "cv" / folder / f"{fit}.parquet"
+        if p.exists():
+            out[fit] = pd.read_parquet(p)
+    return out
+
+
+def _target(ctx: StudyContext, comp: pd.DataFrame, target: str) -> dict[str, Any] | None:
+    rows = comp[comp["target"] == target]
+    if rows.empty:
+        return None
+    folder = "." if target == "new_group" else "kfold"
+    tables = _tables(ctx, folder, list(rows["fit"]))
+    figure = None
+    if len(tables) > 1:
+        per_group = pd.DataFrame({f: per_group_elpd(t) for f, t in tables.items()})
+        figure = checkplots.elpd_diff_plot(per_group, str(rows["fit"].iloc[0]), TITLES[target])
+    return {
+        "target": target,
+        "title": TITLES[target],
+        "rows": rows.to_dict("records"),
+        "figure": figure,
+        "tables": tables,
+    }
+
+
+def _draw_count(ctx: StudyContext, fit: str) -> int | None:
+    settings = ctx.fits[fit].info.get("settings", {}) if fit in ctx.fits else {}
+    try:
+        return int(settings["chains"]) * int(settings["draws"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _psis(ctx: StudyContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | None:
+    used = {
+        f: t
+        for f, t in tables.items()
+        if "cv_method" in t and t["cv_method"].isin(["psis", "exact_fallback"]).any()
+    }
+    if not used:
+        return None
+    rows = []
+    limits = []
+    for fit, t in used.items():
+        fallback = t[t["cv_method"] == "exact_fallback"]
+        count = _draw_count(ctx, fit)
+        limits.append(khat_threshold(count) if count else 0.7)
+        rows.append(
+            {
+                "fit": fit,
+                "max_khat": float(t["khat"].max()),
+                "groups": len(t),
+                "fallback": list(fallback["group"]),
+                "limit": limits[-1],
+            }
+        )
+    return {"rows": rows, "figure": checkplots.khat_plot(used, min(limits))}
 
 
 def build(ctx: StudyContext) -> dict[str, Any] | None:
@@ -15,12 +84,12 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
     if not path.exists():
         return None
     comp = pd.read_parquet(path)
-    per_fit = {}
-    for fit in comp["fit"]:
-        p = ctx.study_dir / "cv" / f"{fit}.parquet"
-        if p.exists():
-            per_fit[fit] = pd.read_parquet(p)
-    return {
-        "rows": comp.to_dict("records"),
-        "figure": plots.cv_plot(per_fit) if len(per_fit) > 1 else None,
-    }
+    if "target" not in comp.columns:  # tables written before K-fold existed
+        comp.insert(0, "target", "new_group")
+    targets = [t for t in (_target(ctx, comp, k) for k in TITLES) if t is not None]
+    if not targets:
+        return None
+    logo = next((t["tables"] for t in targets if t["target"] == "new_group"), {})
+    for t in targets:
+        t.pop("tables")
+    return {"targets": targets, "psis": _psis(ctx, logo)}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from hierpipe.report import plots
+from hierpipe.report import checkplots, plots
 from hierpipe.report.context import StudyContext
 
 NOT_PARTIAL = ("no_pooling", "complete_pooling")
+JS_FORMS = {
+    "james_stein": "positive-part James–Stein towards the grand mean (equal group sizes)",
+    "efron_morris": "Efron–Morris form for unequal group sizes (Morris 1983), shrinking "
+    "towards the precision-weighted mean",
+}
 
 
 def build(ctx: StudyContext) -> dict[str, Any] | None:
@@ -21,6 +26,18 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
         for fit, f in ctx.fits.items()
         if f.checks
     ]
+    js = next(
+        (f.checks["james_stein"] for f in ctx.fits.values() if f.checks.get("james_stein")), None
+    )
     if not tables and not effective:
         return None
-    return {"figure": plots.shrinkage_plot(tables) if tables else None, "effective": effective}
+    return {
+        "figure": plots.shrinkage_plot(tables) if tables else None,
+        "size_figure": checkplots.shrinkage_size_plot(tables) if tables else None,
+        "effective": effective,
+        "groups": next((f.checks.get("groups") for f in ctx.fits.values() if f.checks), None),
+        "js": js,
+        "js_form": JS_FORMS.get(js["form"], js["form"]) if js else None,
+        # with predictors the no-pooling value is the group's own least-squares intercept
+        "lmm": ctx.structure.kind == "lmm",
+    }

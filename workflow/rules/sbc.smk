@@ -1,0 +1,66 @@
+# Simulation-based calibration of the samplers (hierpipe.sbc), run on demand:
+#   snakemake --cores 8 sbc
+# Not part of `all`. Sizes come from the config's top-level `sbc:` block
+# (defaults: hierpipe.sbc.core.SBC_DEFAULTS); each case's replications are split
+# into `chunks` jobs, and results/sbc/report.html shows rank histograms and ECDF
+# bands of every case.
+from hierpipe.sbc.core import SBC_DEFAULTS, cases as sbc_cases
+
+SBC = {**SBC_DEFAULTS, **config.get("sbc", {})}
+SBC_CASES = list(SBC["cases"] or sbc_cases())
+SBC_DIR = f"{RESULTS}/sbc"
+
+
+rule sbc_chunk:
+    output:
+        f"{SBC_DIR}/{{case}}/{{sbc_chunk}}.parquet",
+    params:
+        replications=SBC["replications"],
+        chunks=SBC["chunks"],
+        draws=SBC["draws"],
+        thin=SBC["thin"],
+        warmup=SBC["warmup"],
+        seed=SBC.get("seed", config.get("seed", 42)),
+        code=CODE,
+    wildcard_constraints:
+        case=alternation(SBC_CASES),
+        sbc_chunk=r"\d+",
+    log:
+        f"{SBC_DIR}/logs/{{case}}_{{sbc_chunk}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "hierpipe sbc --case {wildcards.case} --replications {params.replications}"
+        " --chunk {wildcards.sbc_chunk} --chunks {params.chunks} --draws {params.draws}"
+        " --thin {params.thin} --warmup {params.warmup} --seed {params.seed} --out {output}"
+        " > {log} 2>&1"
+
+
+rule sbc_report:
+    input:
+        expand(
+            f"{SBC_DIR}/{{case}}/{{sbc_chunk}}.parquet",
+            case=SBC_CASES,
+            sbc_chunk=range(SBC["chunks"]),
+        ),
+    output:
+        f"{SBC_DIR}/report.html",
+    params:
+        bins=SBC["bins"],
+        code=CODE,
+    log:
+        f"{SBC_DIR}/logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "hierpipe sbc-report {input} --bins {params.bins} --out {output} > {log} 2>&1"
+
+
+rule sbc:
+    input:
+        f"{SBC_DIR}/report.html",
+    localrule: True
