@@ -109,6 +109,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     keys = args.key or [args.fit]
     rng = derive_rng(args.seed, *keys)
     df = read_table(args.data)
+    # A start line in the job's log: says what runs (and marks that it started).
+    print(f"fitting {args.fit} to {len(df)} rows of {args.data}", flush=True)
     start = time.perf_counter()
     result = fit_table(
         df, args.formula, args.fit, settings=settings, rng=rng, source=str(args.data)

@@ -400,8 +400,10 @@ def _sbc_pvalues(scheme, prior_family, R=1000, J=8, L=99, thin=3, seed=2018):
     R data sets are simulated from the prior (mu ~ N(0, 2^2); tau, sigma from
     the prior family), each with J groups of 1-6 observations; chain r samples
     data set r. The rank of each true value among L = 99 thinned draws is
-    uniform on 0..99 if the sampler is right; ranks are binned into 10 bins of
-    100 expected counts and tested with a chi-square test (9 df).
+    uniform on 0..99 if the sampler is right. Two tests a quantity: chi-square
+    on 10 bins of 100 expected counts (9 df; any shape), and the mean rank
+    against 49.5 with SD sqrt(833.25 / R) (a z-test, more powerful for a
+    shift). Returns the smallest p-value of each quantity.
     """
     rng = np.random.default_rng(seed)
     if prior_family == "half_cauchy":
@@ -430,19 +432,23 @@ def _sbc_pvalues(scheme, prior_family, R=1000, J=8, L=99, thin=3, seed=2018):
         ("theta_1", fit.theta[:, :, 0], theta[:, 0]),
     ):
         ranks = (draws < truth[:, None]).sum(axis=1)
-        out[name] = stats.chisquare(np.bincount(ranks // 10, minlength=10)).pvalue
+        p_shape = stats.chisquare(np.bincount(ranks // 10, minlength=10)).pvalue
+        z = (ranks.mean() - 49.5) / np.sqrt((100**2 - 1) / 12 / R)
+        out[name] = min(p_shape, 2 * stats.norm.sf(abs(z)))
     return out
 
 
 @pytest.mark.parametrize("scheme", ["collapsed", "asis", "centred"])
 @pytest.mark.parametrize("prior_family", ["half_cauchy", "inv_gamma"])
 def test_simulation_based_calibration(scheme, prior_family):
-    # 24 chi-square tests (3 schemes x 2 prior families x 4 quantities) at
-    # alpha = 4e-4 each: family-wise false-alarm rate <= 1% (Bonferroni). Power:
+    # 48 tests (3 schemes x 2 prior families x 4 quantities x 2 tests) at
+    # alpha = 2e-4 each: family-wise false-alarm rate <= 1% (Bonferroni). Power:
     # doubling the log P term of the collapsed density, accepting every ASIS
-    # proposal, or scaling sigma^2 draws by 1.05 each give p < 1e-8 here.
+    # proposal, or scaling sigma^2 draws by 1.05 each give p < 1e-8 here; a
+    # missing factor sigma in the multiple-proposal weights gives z = 3.7 (just
+    # under the 3.72 threshold), which the 2-D grid test catches (~7 MCSE).
     pvalues = _sbc_pvalues(scheme, prior_family)
-    assert min(pvalues.values()) > 4e-4, pvalues
+    assert min(pvalues.values()) > 2e-4, pvalues
 
 
 # --------------------------------------------------------------------------- recovery, mixing

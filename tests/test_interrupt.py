@@ -7,8 +7,9 @@ finished is wrong, and the next run completes with every parquet file
 byte-identical to an uninterrupted run's.
 
 The fit is made slow on purpose (a long warm-up on a tiny data set), and the
-kill waits for events, not for time: the eb_reml fit's ``fit.json`` and the
-Gibbs job's log file must both exist, so the kill lands while the sampler runs.
+kill waits for events, not for time: the eb_reml fit's ``fit.json`` must exist
+and the Gibbs job's log must show ``hierpipe fit``'s start line, so the kill
+lands while the sampler runs.
 
 After SIGKILL Snakemake's own lock stays behind (it cannot tell a dead run
 from a live one in another terminal), so ``snakemake --unlock`` comes first,
@@ -77,9 +78,14 @@ def _finished_looking(results: Path) -> dict[str, Path]:
     }
 
 
+def _started(log: Path) -> bool:
+    """The fit has read its data and entered the fitting code (``hierpipe fit``'s start line)."""
+    return log.exists() and "fitting gibbs" in log.read_text()
+
+
 def _wait_for(*paths: Path, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + WAIT
-    while not all(p.exists() for p in paths):
+    while not all((_started(p) if p.suffix == ".log" else p.exists()) for p in paths):
         if proc.poll() is not None:
             raise AssertionError(f"snakemake ended (status {proc.returncode}) before the kill")
         if time.monotonic() > deadline:
@@ -98,7 +104,7 @@ def _interrupt(work: Path, sig: signal.Signals) -> int:
     )
     try:
         _wait_for(res / "fits" / "eb_reml" / "fit.json", res / "logs" / "fit_gibbs.log", proc=proc)
-        time.sleep(0.5)  # past the fit's imports, into the sampler
+        time.sleep(0.3)  # into the sampler (it runs for seconds)
         assert not (res / "fits" / "gibbs" / "fit.json").exists(), "fit ended before the kill"
         os.killpg(proc.pid, sig)
         status = proc.wait(timeout=WAIT)
@@ -157,8 +163,10 @@ def test_killed_and_interrupted_runs_resume_to_identical_results(reference, tmp_
     _check_nothing_wrong_looks_finished(work, reference)
     locks = work / ".snakemake" / "locks"
     assert not locks.exists() or not list(locks.iterdir()), "SIGINT left a lock"
+    # hierpipe turns Ctrl-C into one "interrupted" line, but Snakemake also
+    # terminates its jobs on SIGINT, so whether that line is written is a race.
     log = (work / "results" / "slow" / "logs" / "fit_gibbs.log").read_text()
-    assert "interrupted" in log and "Traceback" not in log, log
+    assert "Traceback" not in log, log
 
     _run(work, "--cores", "2")
     done = _finished_looking(work / "results")

@@ -1,3 +1,5 @@
+import shlex
+
 rule simulate:
     output:
         data=f"{RESULTS}/{{study}}/data.parquet",
@@ -28,7 +30,9 @@ rule ingest:
     params:
         formula=lambda w: S.study(config, w.study)["formula"],
         columns=lambda w: " ".join(
-            f"--column {k}={v}" for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
+            # quoted: file column names may hold spaces ("School ID")
+            "--column " + shlex.quote(f"{k}={v}")
+            for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
         ),
         effect_size=lambda w: S.effect_size_json(config, w.study),
         code=CODE_DATA,

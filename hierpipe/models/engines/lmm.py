@@ -350,6 +350,28 @@ def _prediction(target: str, at: str, mean: float, sd: float, kind: str, t: floa
     }
 
 
+def group_rows(
+    prefix: str, data: LmmData, mean: np.ndarray, sd: np.ndarray, half: float | np.ndarray
+) -> pd.DataFrame:
+    """Summary rows ``prefix[label,coef]``, group by group, from (G, q) arrays.
+
+    The interval is ``mean -+ half * sd`` (``half`` 1.645 for normal rows, a t
+    quantile for least squares). Built as arrays: a study may have 10^4 groups.
+    """
+    g, q = mean.shape
+    names = [f"{prefix}[{lab},{c}]" for lab in data.labels for c in data.coef_names]
+    m, s = mean.reshape(g * q), sd.reshape(g * q)
+    h = np.broadcast_to(np.asarray(half, dtype=np.float64), (g, q)).reshape(g * q)
+    return pd.DataFrame(
+        {"parameter": names, "mean": m, "sd": s, "q5": m - h * s, "q50": m, "q95": m + h * s}
+    )
+
+
+def _summary(rows: list[dict[str, Any]], *blocks: pd.DataFrame) -> pd.DataFrame:
+    """The summary table: population rows, then the per-group blocks."""
+    return summary_frame(pd.concat([pd.DataFrame(rows), *blocks], ignore_index=True))
+
+
 # --------------------------------------------------------------------------------------
 # complete pooling
 
@@ -397,15 +419,13 @@ def complete_pooling(data: LmmData) -> FitResult:
         for n, b, s in zip(data.fixed_names, fit.beta, se, strict=True)
     ]
     rows.append(point_row("sigma", np.sqrt(fit.s2)))
+    # every group has the fixed effect of the coefficient's name; 0 (no SE) without one
     idx = _fixed_index(data)
-    for lab in data.labels:
-        for c, k in zip(data.coef_names, idx, strict=True):
-            name = f"coef_{data.group}[{lab},{c}]"
-            if k >= 0:
-                b, s = fit.beta[k], se[k]
-                rows.append(point_row(name, b, s, b - t * s, b + t * s))
-            else:
-                rows.append(point_row(name, 0.0))
+    has = idx >= 0
+    mean = np.where(has, fit.beta[np.maximum(idx, 0)], 0.0)
+    sd = np.where(has, se[np.maximum(idx, 0)], np.nan)
+    tile = (data.n_groups, 1)
+    block = group_rows(f"coef_{data.group}", data, np.tile(mean, tile), np.tile(sd, tile), t)
     preds = []
     for pt in prediction_points(data):
         m = float(pt.x @ fit.beta)
@@ -429,7 +449,7 @@ def complete_pooling(data: LmmData) -> FitResult:
         "predictions": preds,
         "warnings": [],
     }
-    return FitResult(summary=summary_frame(rows), info=info)
+    return FitResult(summary=_summary(rows, block), info=info)
 
 
 # --------------------------------------------------------------------------------------
@@ -555,10 +575,7 @@ def no_pooling(data: LmmData) -> FitResult:
         s = float(np.sqrt(est.gamma_cov[est.shared.index(k), est.shared.index(k)]))
         rows.append(point_row(f"b_{data.fixed_names[k]}", gval, s, gval - t * s, gval + t * s))
     rows.append(point_row("sigma", np.sqrt(est.sigma2)))
-    for g, lab in enumerate(data.labels):
-        for c, (m, s) in enumerate(zip(est.coef[g], est.coef_se[g], strict=True)):
-            name = f"coef_{data.group}[{lab},{data.coef_names[c]}]"
-            rows.append(point_row(name, m, s, m - t * s, m + t * s))
+    block = group_rows(f"coef_{data.group}", data, est.coef, est.coef_se, t)
     preds = []
     for i, pt in enumerate(prediction_points(data)):
         xs = pt.x[est.shared]
@@ -597,7 +614,7 @@ def no_pooling(data: LmmData) -> FitResult:
         "predictions": preds,
         "warnings": warnings,
     }
-    return FitResult(summary=summary_frame(rows), info=info)
+    return FitResult(summary=_summary(rows, block), info=info)
 
 
 # --------------------------------------------------------------------------------------
@@ -713,16 +730,10 @@ def eb_fit(data: LmmData, method: str) -> FitResult:
             "variance between groups depends on the predictors' values"
         )
     coef_mean, coef_sd = coef_estimates(data, fit)
-    for gi, lab in enumerate(data.labels):
-        rows += [
-            normal_row(f"r_{g}[{lab},{c}]", fit.b_hat[gi, k], fit.b_sd[gi, k])
-            for k, c in enumerate(data.coef_names)
-        ]
-    for gi, lab in enumerate(data.labels):
-        rows += [
-            normal_row(f"coef_{g}[{lab},{c}]", coef_mean[gi, k], coef_sd[gi, k])
-            for k, c in enumerate(data.coef_names)
-        ]
+    blocks = (
+        group_rows(f"r_{g}", data, np.asarray(fit.b_hat), np.asarray(fit.b_sd), Z90),
+        group_rows(f"coef_{g}", data, coef_mean, coef_sd, Z90),
+    )
     boundary = [f"boundary fit: {flag}" for flag in fit.boundary]
     warnings = list(boundary)
     if not fit.converged:
@@ -751,7 +762,7 @@ def eb_fit(data: LmmData, method: str) -> FitResult:
         "predictions": eb_predictions(data, fit),
         "warnings": warnings,
     }
-    return FitResult(summary=summary_frame(rows), info=info)
+    return FitResult(summary=_summary(rows, *blocks), info=info)
 
 
 def eb_predictions(data: LmmData, fit: LmmFit) -> list[dict[str, Any]]:
