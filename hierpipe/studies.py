@@ -56,6 +56,21 @@ def is_simulated(config: dict[str, Any], name: str) -> bool:
     return data_source(config, data_origin(config, name)) == "simulate"
 
 
+def compare_with(config: dict[str, Any], name: str) -> str | None:
+    """The companion study whose fits the report shows beside this one's, if any."""
+    other = study(config, name).get("compare_with")
+    if other is None:
+        return None
+    if other not in config["studies"] or other == name:
+        raise ValueError(f"study '{name}': compare_with names unknown study '{other}'")
+    if data_origin(config, other) != data_origin(config, name):
+        raise ValueError(
+            f"study '{name}': compare_with study '{other}' does not share its data "
+            f"(use data: {{study: {data_origin(config, name)}}} in '{other}')"
+        )
+    return other
+
+
 def fits(config: dict[str, Any], name: str) -> list[str]:
     return list(study(config, name)["fits"])
 

@@ -20,7 +20,7 @@ from scipy import stats as sps
 
 from hierpipe.data.simulate import simulate
 from hierpipe.design import build_design
-from hierpipe.errors import ConfigError, MethodError
+from hierpipe.errors import ConfigError, InputError, MethodError
 from hierpipe.formula import parse_formula
 from hierpipe.models import lmm
 from hierpipe.models.engines import lmm as E
@@ -379,6 +379,15 @@ def test_logo_density_matches_dense_multivariate_normal(method):
     assert row["group"] == data.labels[j] and row["n"] == n
 
 
+def test_logo_names_the_group_whose_absence_breaks_the_design():
+    df = slopes_frame(3, groups=6)
+    df["sector"] = pd.Series(np.where(df["school"] == "S04", "rare", "common"), dtype="string")
+    data = prepared(df, "score ~ 1 + ses + sector + (1 + ses | school)")
+    for method in ("eb_reml", "complete_pooling"):
+        with pytest.raises(InputError, match="leaving out school 'S04'"):
+            E.score_held_out(data, 3, method, {}, np.random.default_rng(0))
+
+
 def test_no_pooling_has_no_logo_score():
     data = prepared(slopes_frame(1, groups=5), SLOPES)
     with pytest.raises(ConfigError, match="cannot predict a new group"):
@@ -580,6 +589,14 @@ def test_gibbs_is_delegated_and_scored_from_its_draws(monkeypatch):
         dens.append(sps.multivariate_normal(mean, cov).logpdf(yj))
     # mixture over draws: log mean of densities; Woodbury vs dense, rounding only
     assert row["elpd"] == pytest.approx(np.log(np.mean(np.exp(dens))), rel=1e-10)
+    # PSIS hooks: the per-draw densities, and equal weights give back the plain mixture
+    loglik = E.logo_log_lik(data, None, draws)
+    assert loglik.shape == (4, data.n_groups)
+    np.testing.assert_allclose(loglik[:, 2], dens, rtol=1e-10)
+    weighted = E.score_held_out_weighted(
+        data, 2, None, draws, np.full(4, -np.log(4)), np.random.default_rng(0)
+    )
+    assert weighted["elpd"] == pytest.approx(np.log(np.mean(np.exp(dens))), rel=1e-10)
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from hierpipe.models.variance_components import (
     make_evaluator,
     nesting_order,
     profile_intervals,
-    profile_out,
 )
 
 NESTED = "score ~ 1 + (1 | school/classroom)"
@@ -67,7 +66,12 @@ def crossed3(seed: int = 1):
     codes = np.column_stack([np.unique(c, return_inverse=True)[1] for c in codes.T])
     xcol = rng.standard_normal(n)
     X = np.column_stack([np.ones(n), xcol])
-    y = 2.0 + xcol + rng.standard_normal(codes[:, 0].max() + 1)[codes[:, 0]] + rng.standard_normal(n)
+    y = (
+        2.0
+        + xcol
+        + rng.standard_normal(codes[:, 0].max() + 1)[codes[:, 0]]
+        + rng.standard_normal(n)
+    )
     labels = [[str(i) for i in range(codes[:, k].max() + 1)] for k in range(3)]
     return cell_stats(["s", "t", "u"], labels, codes, X, y, ("Intercept", "x")), codes, X, y
 
@@ -159,8 +163,9 @@ def test_effect_draws_have_the_conditional_mean_and_variance(which):
     theta2 = np.tile([[0.8, 1.5, 0.3]], (C, 1))
     sigma = np.full(C, 1.3)
     resid = st.sums[0, :, st.p][None, :] - st.sums[0, :, 0][None, :] * 0.7
-    draws = ev.draw(theta2, sigma, np.broadcast_to(resid, (C, st.n_cells)).copy(),
-                    np.random.default_rng(1))
+    draws = ev.draw(
+        theta2, sigma, np.broadcast_to(resid, (C, st.n_cells)).copy(), np.random.default_rng(1)
+    )
     sums = np.zeros((1, st.n_cells, 1))
     sums[0, :, 0] = resid[0]
     modes = ev.modes(theta2[:1], sums)
@@ -188,8 +193,14 @@ def balanced_nested(seed=2, a=6, b=3, n=4, sd=(2.0, 1.0), sigma=1.5):
 def test_balanced_nested_reml_and_ml_equal_the_anova_closed_forms():
     a, b, n = 6, 3, 4
     s, c, y = balanced_nested(a=a, b=b, n=n)
-    st = cell_stats(["s", "s:c"], [list(map(str, range(a))), list(map(str, range(a * b)))],
-                    np.column_stack([s, c]), np.ones((y.size, 1)), y, ("Intercept",))
+    st = cell_stats(
+        ["s", "s:c"],
+        [list(map(str, range(a))), list(map(str, range(a * b)))],
+        np.column_stack([s, c]),
+        np.ones((y.size, 1)),
+        y,
+        ("Intercept",),
+    )
     grand = y.mean()
     ms = pd.Series(y).groupby(s).mean().to_numpy()
     mc = pd.Series(y).groupby(c).mean().to_numpy()
@@ -217,15 +228,20 @@ def test_balanced_nested_reml_and_ml_equal_the_anova_closed_forms():
 def statsmodels_best(df: pd.DataFrame, reml: bool):
     """Best fit over statsmodels' optimisers (its default one can stop short)."""
     sm = pytest.importorskip("statsmodels.formula.api")
-    model = sm.mixedlm("score ~ 1", df, groups="school", re_formula="1",
-                       vc_formula={"classroom": "0 + C(classroom)"})
+    model = sm.mixedlm(
+        "score ~ 1",
+        df,
+        groups="school",
+        re_formula="1",
+        vc_formula={"classroom": "0 + C(classroom)"},
+    )
     best = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for method in ("lbfgs", "bfgs", "cg", "nm", "powell"):
             try:
                 r = model.fit(reml=reml, method=method)
-            except Exception:  # noqa: BLE001 - an optimiser that fails is skipped
+            except Exception:
                 continue
             if np.isfinite(r.llf) and (best is None or r.llf > best.llf):
                 best = r
@@ -234,8 +250,9 @@ def statsmodels_best(df: pd.DataFrame, reml: bool):
 
 @pytest.mark.parametrize("method", ["eb_reml", "eb_ml"])
 def test_nested_fit_matches_or_beats_statsmodels(method):
-    sim = simulate("three_level", np.random.default_rng(11), schools=12, classrooms=[2, 4],
-                   students=[2, 9])
+    sim = simulate(
+        "three_level", np.random.default_rng(11), schools=12, classrooms=[2, 4], students=[2, 9]
+    )
     df = sim.data.astype({"school": str, "classroom": str})
     res = fit_table(df, NESTED, method, settings={}, rng=np.random.default_rng(0), source="sim")
     est = res.summary.set_index("parameter")["mean"]
@@ -258,7 +275,9 @@ def test_variance_at_zero_is_a_boundary_fit():
     c = np.repeat(np.arange(24), 4)
     y = 3 * rng.standard_normal(8)[s] + rng.standard_normal(96)  # no classroom effect
     # pick a data set whose classroom MS is below the residual MS (REML at 0)
-    df = pd.DataFrame({"score": y, "school": [f"S{i}" for i in s], "classroom": [f"C{i % 3}" for i in c]})
+    df = pd.DataFrame(
+        {"score": y, "school": [f"S{i}" for i in s], "classroom": [f"C{i % 3}" for i in c]}
+    )
     res = fit_table(df, NESTED, "eb_reml", settings={}, rng=rng, source="d")
     est = res.summary.set_index("parameter")
     mc = pd.Series(y).groupby(c).mean().to_numpy()
@@ -294,18 +313,20 @@ def test_profile_limits_sit_where_the_criterion_rises_by_the_cutoff():
     def constrained_min(phi_of):
         best = np.inf
         for start in (np.zeros(3), np.full(3, -20.0), np.array([0.0, -20.0, -1.0])):
-            res = minimize(lambda nu: crit(phi_of(nu)), start, method="Nelder-Mead",
-                           options={"xatol": 1e-9, "fatol": 1e-11, "maxiter": 20000})
+            res = minimize(
+                lambda nu: crit(phi_of(nu)),
+                start,
+                method="Nelder-Mead",
+                options={"xatol": 1e-9, "fatol": 1e-11, "maxiter": 20000},
+            )
             best = min(best, res.fun)
         return best - fit.objective
 
     checks = {
-        "sigma": lambda c: (lambda nu: np.r_[nu, 2 * np.log(c)]),
-        "sd_a__Intercept": lambda c: (lambda nu: np.r_[2 * np.log(c), nu]),
+        "sigma": lambda c: lambda nu: np.r_[nu, 2 * np.log(c)],
+        "sd_a__Intercept": lambda c: lambda nu: np.r_[2 * np.log(c), nu],
         # icc_a = v_a / (v_a + v_ab + v_abc + s2): v_a determined by the others
-        "icc_a": lambda c: (
-            lambda nu: np.r_[np.log(c / (1 - c) * (np.exp(nu).sum())), nu]
-        ),
+        "icc_a": lambda c: lambda nu: np.r_[np.log(c / (1 - c) * (np.exp(nu).sum())), nu],
     }
     for name, phi_for in checks.items():
         lo, hi = pi[name]
@@ -322,21 +343,34 @@ def test_profile_limits_sit_where_the_criterion_rises_by_the_cutoff():
 
 def test_engine_outputs_names_iccs_and_coef():
     sim = simulate("three_level", np.random.default_rng(3), schools=6, classrooms=3, students=4)
-    res = fit_table(sim.data, NESTED, "eb_reml", settings={}, rng=np.random.default_rng(0),
-                    source="sim")
+    res = fit_table(
+        sim.data, NESTED, "eb_reml", settings={}, rng=np.random.default_rng(0), source="sim"
+    )
     s = res.summary.set_index("parameter")
-    for name in ("b_Intercept", "sd_school__Intercept", "sd_school:classroom__Intercept",
-                 "sigma", "icc_school", "icc_school:classroom", "r_school[S01,Intercept]",
-                 "r_school:classroom[S01:C02,Intercept]", "coef_school[S06,Intercept]",
-                 "coef_school:classroom[S06:C03,Intercept]"):
+    for name in (
+        "b_Intercept",
+        "sd_school__Intercept",
+        "sd_school:classroom__Intercept",
+        "sigma",
+        "icc_school",
+        "icc_school:classroom",
+        "r_school[S01,Intercept]",
+        "r_school:classroom[S01:C02,Intercept]",
+        "coef_school[S06,Intercept]",
+        "coef_school:classroom[S06:C03,Intercept]",
+    ):
         assert name in s.index, name
-    vs, vc, s2 = (s.loc["sd_school__Intercept", "mean"] ** 2,
-                  s.loc["sd_school:classroom__Intercept", "mean"] ** 2, s.loc["sigma", "mean"] ** 2)
+    vs, vc, s2 = (
+        s.loc["sd_school__Intercept", "mean"] ** 2,
+        s.loc["sd_school:classroom__Intercept", "mean"] ** 2,
+        s.loc["sigma", "mean"] ** 2,
+    )
     assert s.loc["icc_school", "mean"] == pytest.approx(vs / (vs + vc + s2), rel=1e-12)
     assert s.loc["icc_school:classroom", "mean"] == pytest.approx(vc / (vc + s2), rel=1e-12)
-    assert (s.loc["coef_school:classroom[S02:C01,Intercept]", "mean"]
-            == pytest.approx(s.loc["b_Intercept", "mean"]
-                             + s.loc["r_school:classroom[S02:C01,Intercept]", "mean"], rel=1e-12))
+    assert s.loc["coef_school:classroom[S02:C01,Intercept]", "mean"] == pytest.approx(
+        s.loc["b_Intercept", "mean"] + s.loc["r_school:classroom[S02:C01,Intercept]", "mean"],
+        rel=1e-12,
+    )
     for name in ("sd_school__Intercept", "sigma", "icc_school"):
         assert s.loc[name, "q5"] < s.loc[name, "mean"] < s.loc[name, "q95"]
     assert "profile likelihood" in res.info["intervals"]
@@ -344,17 +378,25 @@ def test_engine_outputs_names_iccs_and_coef():
 
 def test_coef_standard_errors_are_henderson_prediction_errors():
     """coef_ SDs against the inverse of the dense mixed-model equations."""
-    sim = simulate("three_level", np.random.default_rng(9), schools=5, classrooms=[1, 3],
-                   students=[1, 5])
+    sim = simulate(
+        "three_level", np.random.default_rng(9), schools=5, classrooms=[1, 3], students=[1, 5]
+    )
     df = sim.data
     res = fit_table(df, NESTED, "eb_reml", settings={}, rng=np.random.default_rng(0), source="s")
     s = res.summary.set_index("parameter")
     model = load_model(df, NESTED, "s")
     st = model.prepared.stats
-    v = [s.loc["sd_school__Intercept", "mean"] ** 2, s.loc["sd_school:classroom__Intercept", "mean"] ** 2]
+    v = [
+        s.loc["sd_school__Intercept", "mean"] ** 2,
+        s.loc["sd_school:classroom__Intercept", "mean"] ** 2,
+    ]
     s2 = s.loc["sigma", "mean"] ** 2
-    codes = np.column_stack([np.unique(df.school, return_inverse=True)[1],
-                             np.unique(df.school + ":" + df.classroom, return_inverse=True)[1]])
+    codes = np.column_stack(
+        [
+            np.unique(df.school, return_inverse=True)[1],
+            np.unique(df.school + ":" + df.classroom, return_inverse=True)[1],
+        ]
+    )
     Z = np.column_stack([np.eye(codes[:, k].max() + 1)[codes[:, k]] for k in range(2)])
     X = np.ones((len(df), 1))
     G = np.diag(np.r_[np.full(st.group_counts[0], v[0]), np.full(st.group_counts[1], v[1])])
@@ -365,15 +407,24 @@ def test_coef_standard_errors_are_henderson_prediction_errors():
         var = Ci[0, 0] + Ci[1 + j, 1 + j] + 2 * Ci[0, 1 + j]
         assert s.loc[f"coef_school[{lab},Intercept]", "sd"] == pytest.approx(np.sqrt(var), rel=1e-6)
         assert s.loc[f"r_school[{lab},Intercept]", "sd"] == pytest.approx(
-            np.sqrt(np.linalg.inv(C[1:, 1:])[j, j]), rel=1e-6)
+            np.sqrt(np.linalg.inv(C[1:, 1:])[j, j]), rel=1e-6
+        )
 
 
 def test_reml_recovers_parameters_in_simulation():
     """Mean of 40 REML fits within 4 Monte Carlo SEs of the truth (REML is nearly unbiased)."""
     est = []
     for rep in range(40):
-        sim = simulate("three_level", np.random.default_rng(100 + rep), schools=15, classrooms=3,
-                       students=6, sd_school=4.0, sd_classroom=3.0, sigma=5.0)
+        sim = simulate(
+            "three_level",
+            np.random.default_rng(100 + rep),
+            schools=15,
+            classrooms=3,
+            students=6,
+            sd_school=4.0,
+            sd_classroom=3.0,
+            sigma=5.0,
+        )
         model = load_model(sim.data, NESTED, "sim")
         f = fit_components(make_evaluator(model.prepared.stats), "REML")
         est.append([*f.sds**2, f.sigma**2])
@@ -384,8 +435,9 @@ def test_reml_recovers_parameters_in_simulation():
 
 
 def test_crossed_fit_and_cv_against_dense_conditional_predictive():
-    sim = simulate("crossed", np.random.default_rng(2), students=14, teachers=4, per_student=2,
-                   size=[1, 3])
+    sim = simulate(
+        "crossed", np.random.default_rng(2), students=14, teachers=4, per_student=2, size=[1, 3]
+    )
     df = sim.data
     model = load_model(df, CROSSED, "sim")
     assert model.prepared.structure_kind == "crossed"
@@ -394,12 +446,18 @@ def test_crossed_fit_and_cv_against_dense_conditional_predictive():
     # refit without student j by the engine, then the dense conditional predictive
     lab = model.prepared.stats.labels[0][j]
     train = df[df.student != lab]
-    res = fit_table(train, CROSSED, "eb_reml", settings={}, rng=np.random.default_rng(0), source="t")
+    res = fit_table(
+        train, CROSSED, "eb_reml", settings={}, rng=np.random.default_rng(0), source="t"
+    )
     s = res.summary.set_index("parameter")["mean"]
     vs, vt, s2 = s["sd_student__Intercept"] ** 2, s["sd_teacher__Intercept"] ** 2, s["sigma"] ** 2
     st_ = np.unique(df.student, return_inverse=True)[1]
     te = np.unique(df.teacher, return_inverse=True)[1]
-    V = s2 * np.eye(len(df)) + vs * (st_[:, None] == st_[None, :]) + vt * (te[:, None] == te[None, :])
+    V = (
+        s2 * np.eye(len(df))
+        + vs * (st_[:, None] == st_[None, :])
+        + vt * (te[:, None] == te[None, :])
+    )
     h = (df.student == lab).to_numpy()
     y = df.y.to_numpy()
     X = np.ones((len(df), 1))
@@ -410,7 +468,9 @@ def test_crossed_fit_and_cv_against_dense_conditional_predictive():
     A = X[h] - K @ X[~h]
     cov = V[h][:, h] - K @ V[~h][:, h] + A @ np.linalg.inv(X[~h].T @ Vi @ X[~h]) @ A.T
     d = y[h] - mean
-    want = -0.5 * (h.sum() * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1] + d @ np.linalg.solve(cov, d))
+    want = -0.5 * (
+        h.sum() * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1] + d @ np.linalg.solve(cov, d)
+    )
     # exact identity, so rounding only
     assert row["elpd"] == pytest.approx(want, abs=1e-8)
     assert row["pred_mean"] == pytest.approx(mean.mean(), abs=1e-6)
@@ -420,14 +480,32 @@ def test_unsupported_models_and_bad_data_fail_clearly():
     sim = simulate("three_level", np.random.default_rng(1), schools=4, classrooms=2, students=3)
     df = sim.data.assign(x=np.arange(len(sim.data), dtype=float))
     with pytest.raises(MethodError, match="varying intercept only"):
-        fit_table(df, "score ~ 1 + (1 + x | school) + (1 | classroom)", "eb_reml", settings={},
-                  rng=np.random.default_rng(0), source="d")
+        fit_table(
+            df,
+            "score ~ 1 + (1 + x | school) + (1 | classroom)",
+            "eb_reml",
+            settings={},
+            rng=np.random.default_rng(0),
+            source="d",
+        )
     df2 = df.assign(obs=[f"o{i}" for i in range(len(df))])
     with pytest.raises(InputError, match="grouping factor 'obs' has"):
-        fit_table(df2, "score ~ 1 + (1 | school) + (1 | obs)", "eb_reml", settings={},
-                  rng=np.random.default_rng(0), source="d")
+        fit_table(
+            df2,
+            "score ~ 1 + (1 | school) + (1 | obs)",
+            "eb_reml",
+            settings={},
+            rng=np.random.default_rng(0),
+            source="d",
+        )
     with pytest.raises(ConfigError, match="not available for the multilevel"):
-        fit_table(df, NESTED, "gibbs", settings={"priors": {"sd": {"family": "flat"}}},
-                  rng=np.random.default_rng(0), source="d")
+        fit_table(
+            df,
+            NESTED,
+            "gibbs",
+            settings={"priors": {"sd": {"family": "flat"}}},
+            rng=np.random.default_rng(0),
+            source="d",
+        )
     with pytest.raises(MethodError, match="does not apply"):
         load_model(df, NESTED, "d").check("no_pooling")

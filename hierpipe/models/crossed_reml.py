@@ -39,7 +39,7 @@ MAX_DENSE = 2000
 
 def _scatter(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     """Sum ``values`` (C, E[, r]) into ``size`` slots by ``index`` (E,), per chain."""
-    C, E = values.shape[:2]
+    C = values.shape[0]
     flat = (np.arange(C)[:, None] * size + index[None, :]).ravel()
     if values.ndim == 2:
         return np.bincount(flat, weights=values.ravel(), minlength=C * size).reshape(C, size)
@@ -80,9 +80,11 @@ class CrossedEvaluator:
         # Entries: one a (cell, other factor).
         self.ent_cell = np.repeat(cells, R)
         self.ent_k = np.tile(np.array(self.rest), stats.n_cells)
-        self.ent_col = np.concatenate(
-            [self.offsets[j] + codes[:, k] for j, k in enumerate(self.rest)]
-        ).reshape(R, -1).T.ravel()
+        self.ent_col = (
+            np.concatenate([self.offsets[j] + codes[:, k] for j, k in enumerate(self.rest)])
+            .reshape(R, -1)
+            .T.ravel()
+        )
         self.ent_g = self.g_of_cell[self.ent_cell]
         self.ent_n = n[self.ent_cell]
         self.col_k = np.repeat(np.array(self.rest), np.diff(self.offsets))
@@ -122,8 +124,11 @@ class CrossedEvaluator:
         s1 = th[:, self.ent_k[self.p1_e1]] * th[:, self.ent_k[self.p1_e2]]
         vals1 = (te**2)[:, None] * s1 * self.p1_w / D[:, self.p1_g]
         q2 = self.q2
-        S = _scatter(np.concatenate([self.p0_flat, self.p1_flat]),
-                     np.concatenate([vals0, -vals1], axis=1), q2 * q2).reshape(C, q2, q2)
+        S = _scatter(
+            np.concatenate([self.p0_flat, self.p1_flat]),
+            np.concatenate([vals0, -vals1], axis=1),
+            q2 * q2,
+        ).reshape(C, q2, q2)
         S[:, np.arange(q2), np.arange(q2)] += 1.0
         # M_eR entries: theta_e theta_k n_c at (g, col).
         m_ent = te[:, None] * th[:, self.ent_k] * self.ent_n
@@ -198,7 +203,11 @@ class CrossedEvaluator:
         return out
 
     def draw(
-        self, theta2: np.ndarray, sigma: np.ndarray, resid_sums: np.ndarray, rng: np.random.Generator
+        self,
+        theta2: np.ndarray,
+        sigma: np.ndarray,
+        resid_sums: np.ndarray,
+        rng: np.random.Generator,
     ) -> list[np.ndarray]:
         th, D, S, m_ent, x1, x2 = self._solve(theta2, resid_sums[..., None])
         C = th.shape[0]

@@ -26,15 +26,20 @@ integrated out is exact and cheap:
 (:math:`D`, :math:`m` the prior precision and mean of :math:`\beta`, zero where
 flat), from the evaluators of :mod:`hierpipe.models.nested_reml` (nested,
 :math:`O(\text{cells})`) and :mod:`hierpipe.models.crossed_reml` (crossed,
-:math:`O(\text{cells} + \text{pairs} + q_R^3)`). Each iteration updates every
-:math:`u_j` in turn by slice sampling on this density (Neal 2003, stepping out
-and shrinkage; widths adapted per chain in warm-up only), then draws
-:math:`\beta \mid u, y \sim N(P^{-1}h, P^{-1})` and all effects jointly from
-:math:`b \mid \beta, u, y` (exactly, top-down for nested factors, by the block
-Cholesky factor for crossed ones). This is a partially collapsed Gibbs
+:math:`O(\text{cells} + \text{pairs} + q_R^3)`). Each iteration takes
+``steps`` (default 5) random-walk Metropolis steps on :math:`u` with a
+proposal covariance adapted per chain in warm-up only (then fixed), and then
+draws :math:`\beta \mid u, y \sim N(P^{-1}h, P^{-1})` and all effects jointly
+from :math:`b \mid \beta, u, y` (exactly: top-down for nested factors, by the
+block Cholesky factor for crossed ones). This is a partially collapsed Gibbs
 sampler (van Dyk & Park 2008): the variance parameters never condition on the
 effects, so the funnel between an SD and its effects, which makes the plain
 sampler crawl when groups are small or factors are crossed, does not arise.
+
+``"slice"``. The same, with each :math:`u_j` updated in turn by slice sampling
+(Neal 2003; stepping out and shrinkage, widths adapted in warm-up): higher
+ESS per iteration, about four times the density evaluations (measured in the
+benchmark, where Metropolis gives more ESS per second).
 
 ``"plain"``. The textbook centred Gibbs sampler, for comparison (benchmarks):
 :math:`\beta \mid b`, each factor's :math:`b_k \mid` the rest, each
@@ -55,7 +60,7 @@ estimator. *IEEE Signal Process. Lett.* 23(1), 179-182.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -64,7 +69,7 @@ from hierpipe.errors import ConfigError
 from hierpipe.models.gibbs_twolevel import Flat, HalfCauchy, InvGamma, Normal
 from hierpipe.models.variance_components import CellStats, Evaluator
 
-Scheme = Literal["collapsed", "plain"]
+Scheme = Literal["collapsed", "slice", "plain"]
 #: Stepping-out limit of the slice sampler, in widths (Neal 2003, fig. 3).
 SLICE_M = 50
 #: More shrinkage rounds than this in one update can only mean a non-finite density.
@@ -81,7 +86,7 @@ class MultilevelPriors:
 
     sd: HalfCauchy | InvGamma
     sigma: HalfCauchy | InvGamma
-    b_Intercept: Flat | Normal = Flat()
+    b_Intercept: Flat | Normal = field(default_factory=Flat)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,7 +191,7 @@ class _Marginal:
 
     def draw_beta(self, u: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """beta | u, y and the relative variances at u."""
-        s2, theta2, _, _, P, h = self.parts(u)
+        _, theta2, _, _, P, h = self.parts(u)
         if not self.p:
             return np.zeros((u.shape[0], 0)), theta2
         chol = np.linalg.cholesky(P)
@@ -272,7 +277,7 @@ def _initial(stats: CellStats, chains: int, rng: np.random.Generator) -> np.ndar
 
 
 def _rwm(ev, priors, settings, rng):
-    """Collapsed scheme with a multivariate random-walk Metropolis update of the log-SDs.
+    r"""Collapsed scheme with a multivariate random-walk Metropolis update of the log-SDs.
 
     Proposal :math:`N(u, \lambda^2 \Sigma)` per chain; during warm-up only,
     :math:`\Sigma` is re-estimated from the chain's draws at iterations 50, 100,
@@ -312,8 +317,11 @@ def _rwm(ev, priors, settings, rng):
             history[:, it] = u
             if it + 1 == adapt_at:
                 window = history[:, window_start : it + 1]
-                cov = np.einsum("cti,ctj->cij", window - window.mean(1, keepdims=True),
-                                window - window.mean(1, keepdims=True)) / max(window.shape[1] - 1, 1)
+                cov = np.einsum(
+                    "cti,ctj->cij",
+                    window - window.mean(1, keepdims=True),
+                    window - window.mean(1, keepdims=True),
+                ) / max(window.shape[1] - 1, 1)
                 cov = cov * 2.38**2 / d + 1e-6 * np.eye(d)
                 chol = np.linalg.cholesky(cov)
                 log_lam[:] = 0.0
@@ -330,7 +338,7 @@ def _rwm(ev, priors, settings, rng):
         for f in range(K):
             keep_r[f][:, j] = effects[f]
     n_kept = max(total - settings.warmup, 1) * steps
-    stats = {"acceptance_rate": accepted / n_kept, "metropolis_steps_per_iteration": steps}
+    stats = {"acceptance_rate": float(accepted / n_kept), "metropolis_steps_per_iteration": steps}
     return keep_u, keep_b, keep_r, stats
 
 
@@ -425,7 +433,9 @@ def _plain(ev, priors, settings, rng):
         for k in range(K):
             other = cell_b - b[k][:, codes[:, k]]
             r = sums[:, p][None, :] - fixed - n * other
-            rs = np.stack([np.bincount(codes[:, k], weights=r[c], minlength=G[k]) for c in range(C)])
+            rs = np.stack(
+                [np.bincount(codes[:, k], weights=r[c], minlength=G[k]) for c in range(C)]
+            )
             prec = sizes[k][None, :] / s2[:, None] + 1.0 / var[:, k, None]
             b[k] = rs / s2[:, None] / prec + rng.standard_normal((C, G[k])) / np.sqrt(prec)
             cell_b = other + b[k][:, codes[:, k]]

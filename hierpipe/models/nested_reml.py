@@ -1,4 +1,4 @@
-r"""Nested variance components: :math:`\log|V_\theta|` and :math:`z^\top V_\theta^{-1} z` by recursion.
+r"""Nested variance components: log-determinant and quadratic forms by recursion over levels.
 
 For nested factors (``(1 | school/classroom)``, ``(1 | a/b/c)``) the covariance
 :math:`V_\theta = I + \sum_k \theta_k^2 Z_k Z_k^\top` is block diagonal by top-level
@@ -167,7 +167,11 @@ class NestedEvaluator:
         return self._formula_order(self._down(th, kept, None)[1])
 
     def draw(
-        self, theta2: np.ndarray, sigma: np.ndarray, resid_sums: np.ndarray, rng: np.random.Generator
+        self,
+        theta2: np.ndarray,
+        sigma: np.ndarray,
+        resid_sums: np.ndarray,
+        rng: np.random.Generator,
     ) -> list[np.ndarray]:
         th = self._theta_levels(theta2)
         _, _, kept = self._upward(th, resid_sums[:, self.cell_perm, None], keep=True)

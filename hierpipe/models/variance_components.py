@@ -139,7 +139,7 @@ class CellStats:
 
     @property
     def n_obs(self) -> int:
-        return int(round(float(self.n.sum())))
+        return round(float(self.n.sum()))
 
     @property
     def group_counts(self) -> tuple[int, ...]:
@@ -289,7 +289,11 @@ class Evaluator(Protocol):
         ...
 
     def draw(
-        self, theta2: np.ndarray, sigma: np.ndarray, resid_sums: np.ndarray, rng: np.random.Generator
+        self,
+        theta2: np.ndarray,
+        sigma: np.ndarray,
+        resid_sums: np.ndarray,
+        rng: np.random.Generator,
     ) -> list[np.ndarray]:
         """One draw of every factor's effects given the variances and the residual
         cell sums (C, cells): per factor (C, G_k)."""
@@ -342,11 +346,11 @@ def profile_out(logdet: np.ndarray, Q: np.ndarray, n: int, p: int, reml: bool) -
         xvx = Q[..., :p, :p]
         xvy = Q[..., :p, p]
         try:
-            chol, logdet_xvx = _batched_cholesky_logdet(xvx)
+            _, logdet_xvx = _batched_cholesky_logdet(xvx)
         except np.linalg.LinAlgError:
             bad = ~np.all(np.linalg.eigvalsh(xvx) > 0, axis=-1)
             xvx = np.where(bad[..., None, None], np.eye(p), xvx)
-            chol, logdet_xvx = _batched_cholesky_logdet(xvx)
+            _, logdet_xvx = _batched_cholesky_logdet(xvx)
         beta = np.linalg.solve(xvx, xvy[..., None])[..., 0]
         r2 = Q[..., p, p] - np.einsum("...i,...i->...", xvy, beta)
     else:
@@ -709,27 +713,6 @@ def _inner_min(
     return float(res.fun), np.asarray(res.x)
 
 
-def _search_limit(g: Callable[[float], float], start: float, step: float, stop: float) -> float | None:
-    """Where g (negative at ``start``) first crosses 0 moving by ``step``; None if not before ``stop``."""
-    a, x = start, start + step
-    while (step > 0 and x < stop) or (step < 0 and x > stop):
-        if g(x) > 0:
-            # bisection: g is a profile (an inner minimisation), continuous but
-            # not exactly reproducible at 1e-9, which root finders that check
-            # the bracket's signs do not tolerate
-            inside, outside = a, x
-            while abs(outside - inside) > 1e-4:
-                mid = 0.5 * (inside + outside)
-                if g(mid) > 0:
-                    outside = mid
-                else:
-                    inside = mid
-            return 0.5 * (inside + outside)
-        a, x = x, x + step
-        step *= 1.6
-    return None
-
-
 def _limit(
     rise: Callable[[float], float], x_hat: float, direction: float, stop: float
 ) -> float | None:
@@ -810,8 +793,15 @@ def profile_intervals(fit: ComponentsFit, ev: Evaluator, dens: list[tuple[int, .
     best = f(phi_hat)
     out: dict[str, tuple[float, float]] = {}
 
-    def limits(idx: int, fix: Callable, x_hat: float, to_c: Callable[[float], float],
-               zero_low: bool, x_lo: float, x_hi: float) -> tuple[float, float]:
+    def limits(
+        idx: int,
+        fix: Callable,
+        x_hat: float,
+        to_c: Callable[[float], float],
+        zero_low: bool,
+        x_lo: float,
+        x_hi: float,
+    ) -> tuple[float, float]:
         others = [j for j in range(K + 1) if j != idx]
         # nuisance log variances within 1e-12..1e8 of the total (1e-8..1e8 for sigma^2):
         # wide enough for any profile, narrow enough to keep X'V^-1 X well conditioned
@@ -855,8 +845,9 @@ def profile_intervals(fit: ComponentsFit, ev: Evaluator, dens: list[tuple[int, .
 
         x_hat = 0.5 * float(phi_hat[k])
         name = "sigma" if k == K else f"sd_{st.factors[k]}__Intercept"
-        out[name] = limits(k, fix_sd, x_hat, np.exp, k < K and k in fit.boundary,
-                           floor / 2, x_hat + 30)
+        out[name] = limits(
+            k, fix_sd, x_hat, np.exp, k < K and k in fit.boundary, floor / 2, x_hat + 30
+        )
     icc_hat = iccs(var_hat[None], np.array([s2]), dens)[0]
     for k in range(K):
         rest = [j for j in dens[k] if j != k]
@@ -869,6 +860,12 @@ def profile_intervals(fit: ComponentsFit, ev: Evaluator, dens: list[tuple[int, .
 
         x_hat = float(np.log(icc_hat[k]) - np.log1p(-icc_hat[k]))
         out[f"icc_{st.factors[k]}"] = limits(
-            k, fix_icc, x_hat, lambda x: float(1.0 / (1.0 + np.exp(-x))),
-            k in fit.boundary, -30.0, 30.0)
+            k,
+            fix_icc,
+            x_hat,
+            lambda x: float(1.0 / (1.0 + np.exp(-x))),
+            k in fit.boundary,
+            -30.0,
+            30.0,
+        )
     return out

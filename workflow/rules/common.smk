@@ -21,6 +21,8 @@ INGESTED = [s for s in STUDIES if S.data_source(config, s) == "file"]
 SHARED = [s for s in STUDIES if S.data_source(config, s) == "study"]
 for _s in SHARED:
     S.data_origin(config, _s)  # fails at load time on unknown or cyclic links
+for _s in STUDIES:
+    S.compare_with(config, _s)  # fails at load time on an unknown or unrelated companion
 ALL_FITS = sorted({f for s in STUDIES for f in S.fits(config, s)})
 SAMPLER_FITS = sorted(S.SAMPLERS)
 POINT_FITS = sorted(set(ALL_FITS) - S.SAMPLERS)

@@ -18,6 +18,11 @@ def report_inputs(wildcards):
         files["cv"] = f"{RESULTS}/{s}/cv/comparison.parquet"
     if S.is_simulated(config, s):
         files["truth"] = f"{RESULTS}/{s}/truth.parquet"
+    other = S.compare_with(config, s)
+    if other:
+        for f in S.fits(config, other):
+            files[f"companion_summary_{f}"] = f"{RESULTS}/{other}/fits/{f}/summary.parquet"
+            files[f"companion_info_{f}"] = f"{RESULTS}/{other}/fits/{f}/fit.json"
     return files
 
 

@@ -393,7 +393,10 @@ def ols(data: LmmData) -> Ols:
     as :math:`y^\\top y - \\hat\\beta^\\top X^\\top y`, which cancels when the fit is close.
     """
     st = data.stats
-    beta_c = np.linalg.solve(st.xtx, st.xty)
+    try:
+        beta_c = np.linalg.solve(st.xtx, st.xty)
+    except np.linalg.LinAlgError:
+        raise InputError("X: the fixed-effects design is rank deficient") from None
     beta = st.beta_from_centred(beta_c)
     resid = data.y - data.X @ beta
     df = data.n_obs - st.p
@@ -949,10 +952,10 @@ def group_log_density(
     return -0.5 * (n * LOG_2PI + logdet + quad)
 
 
-def new_group_scores(
-    pop: Population, x: np.ndarray, z: np.ndarray, y: np.ndarray, rng: np.random.Generator
-) -> dict[str, Any]:
-    """elpd and a 90% interval for the mean of a new group's observations ``y``."""
+def _new_group_log_density(
+    pop: Population, x: np.ndarray, z: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per draw: log density of ``y`` as a new group's, and its mean's predictive mean and SD."""
     s = pop.beta.shape[0]
     q = z.shape[1]
     mean = pop.beta @ x.T  # (S, n)
@@ -961,15 +964,44 @@ def new_group_scores(
     d[:, :q, :q] = pop.Sigma
     d[:, q:, q:] = pop.beta_cov
     logp = group_log_density(y[None, :] - mean, w, d, pop.sigma2)
-    elpd = float(logsumexp(logp) - np.log(s))
     n = y.size
     ones_w = w.sum(axis=0)
-    ybar_mean = mean.mean(axis=1)
     ybar_sd = np.sqrt((n * pop.sigma2 + np.einsum("k,skm,m->s", ones_w, d, ones_w)) / n**2)
-    if s == 1:
+    return logp, mean.mean(axis=1), ybar_sd
+
+
+def new_group_scores(
+    pop: Population,
+    x: np.ndarray,
+    z: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    log_weights: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """elpd and a 90% interval for the mean of a new group's observations ``y``.
+
+    One parameter set: the normal interval. Draws: the mixture over draws
+    (elpd a log-mean-exp; interval from one simulated mean per draw), or, with
+    normalised ``log_weights`` (PSIS), the weighted mixture (as
+    :func:`hierpipe.cv.logo.score_group`).
+    """
+    from hierpipe.cv.psis import weighted_quantile
+
+    logp, ybar_mean, ybar_sd = _new_group_log_density(pop, x, z, y)
+    s = logp.size
+    if log_weights is not None:
+        lw = np.asarray(log_weights, dtype=np.float64)
+        wts = np.exp(lw)
+        elpd = float(logsumexp(logp + lw))
+        sims = ybar_mean + ybar_sd * rng.standard_normal(s)
+        centre = float(np.dot(wts, ybar_mean) / wts.sum())
+        lo, hi = (float(v) for v in weighted_quantile(sims, wts, np.array([0.05, 0.95])))
+    elif s == 1:
+        elpd = float(logp[0])
         centre = float(ybar_mean[0])
         lo, hi = centre - Z90 * float(ybar_sd[0]), centre + Z90 * float(ybar_sd[0])
     else:
+        elpd = float(logsumexp(logp) - np.log(s))
         sims = ybar_mean + ybar_sd * rng.standard_normal(s)
         centre = float(ybar_mean.mean())
         lo, hi = (float(v) for v in np.quantile(sims, [0.05, 0.95]))
@@ -989,9 +1021,44 @@ def score_held_out(
     data: LmmData, j: int, method: str, settings: dict[str, Any], rng: np.random.Generator
 ) -> dict[str, Any]:
     """Refit without group ``j`` and score its observations as a new group's."""
-    pop = population(data.without(j), method, settings, rng)
+    try:
+        pop = population(data.without(j), method, settings, rng)
+    except InputError as exc:
+        # e.g. a categorical level seen only in this group leaves a zero column in X
+        raise InputError(f"leaving out {data.group} '{data.labels[j]}': {exc}") from None
     idx = data.rows(j)
     scores = new_group_scores(pop, data.X[idx], data.Z[idx], data.y[idx], rng)
+    return {"group": data.labels[j], "n": float(idx.size), **scores}
+
+
+def logo_log_lik(data: LmmData, structure: Structure, draws: pd.DataFrame) -> np.ndarray:
+    """:math:`\\log p(y_j \\mid \\beta, \\Sigma, \\sigma)` per draw and group, shape (S, G).
+
+    The group's coefficients are integrated out (:func:`group_log_density`
+    with :math:`W = Z_j`), so leaving group :math:`j` out reweights the draws by
+    :math:`1/p(y_j \\mid \\phi)` exactly (PSIS-LOGO, :mod:`hierpipe.cv.folds`).
+    Reads the sampler's brms-named columns (``b_*``, ``sd_g__*``, ``cor_g__*``, ``sigma``).
+    """
+    pop = _population_from_draws(data, draws)
+    out = np.empty((pop.beta.shape[0], data.n_groups))
+    for j in range(data.n_groups):
+        idx = data.rows(j)
+        out[:, j] = _new_group_log_density(pop, data.X[idx], data.Z[idx], data.y[idx])[0]
+    return out
+
+
+def score_held_out_weighted(
+    data: LmmData,
+    j: int,
+    structure: Structure,
+    draws: pd.DataFrame,
+    log_weights: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Group ``j``'s CV row from full-data draws reweighted to leave it out (PSIS)."""
+    idx = data.rows(j)
+    pop = _population_from_draws(data, draws)
+    scores = new_group_scores(pop, data.X[idx], data.Z[idx], data.y[idx], rng, log_weights)
     return {"group": data.labels[j], "n": float(idx.size), **scores}
 
 

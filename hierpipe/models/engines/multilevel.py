@@ -56,7 +56,7 @@ from hierpipe.models.variance_components import (
 )
 
 METHODS = ("complete_pooling", "eb_ml", "eb_reml", "gibbs")
-GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "scheme", "steps", "thin")
+GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "scheme", "steps", "thin", "store_group_draws")
 Z90 = 1.6448536269514722
 
 
@@ -185,10 +185,22 @@ def complete_pooling(prep: Prepared) -> FitResult:
         b, s = beta[ic], se[ic]
         sd_obs = np.sqrt(s2 + s**2)
         preds = [
-            Prediction("new_group_mean", b, s, b - t * s, b + t * s,
-                       "complete pooling: every group has the common mean"),
-            Prediction("new_observation_new_group", b, sd_obs, b - t * sd_obs, b + t * sd_obs,
-                       "t interval on N-p df with the SE of the mean added"),
+            Prediction(
+                "new_group_mean",
+                b,
+                s,
+                b - t * s,
+                b + t * s,
+                "complete pooling: every group has the common mean",
+            ),
+            Prediction(
+                "new_observation_new_group",
+                b,
+                sd_obs,
+                b - t * sd_obs,
+                b + t * sd_obs,
+                "t interval on N-p df with the SE of the mean added",
+            ),
         ]
     info = {"df": df, "predictions": prediction_rows(preds), "warnings": []}
     return FitResult(summary=summary_frame(rows), info=info)
@@ -227,8 +239,7 @@ def _effects(prep: Prepared, ev: Any, fit: ComponentsFit):
 
 def _boundary_messages(prep: Prepared, fit: ComponentsFit) -> list[str]:
     return [
-        f"boundary fit: sd_{prep.stats.factors[k]}__Intercept estimated at 0"
-        for k in fit.boundary
+        f"boundary fit: sd_{prep.stats.factors[k]}__Intercept estimated at 0" for k in fit.boundary
     ]
 
 
@@ -240,7 +251,9 @@ def eb_result(prep: Prepared, method: str) -> FitResult:
     dens = _dens(prep)
     intervals = profile_intervals(fit, ev, dens)
     se_b = np.sqrt(np.diag(fit.beta_cov))
-    rows = [normal_row(f"b_{n}", b, s) for n, b, s in zip(st.fixed_names, fit.beta, se_b, strict=True)]
+    rows = [
+        normal_row(f"b_{n}", b, s) for n, b, s in zip(st.fixed_names, fit.beta, se_b, strict=True)
+    ]
     for k, f in enumerate(st.factors):
         name = f"sd_{f}__Intercept"
         rows.append(point_row(name, fit.sds[k], np.nan, *intervals[name]))
@@ -252,12 +265,16 @@ def eb_result(prep: Prepared, method: str) -> FitResult:
     b0 = fit.beta[st.intercept] if st.intercept is not None else 0.0
     for k, f in enumerate(st.factors):
         r, r_sd, _ = effects[k]
-        rows += [normal_row(f"r_{f}[{lab},Intercept]", m, s)
-                 for lab, m, s in zip(st.labels[k], r, r_sd, strict=True)]
+        rows += [
+            normal_row(f"r_{f}[{lab},Intercept]", m, s)
+            for lab, m, s in zip(st.labels[k], r, r_sd, strict=True)
+        ]
     for k, f in enumerate(st.factors):
         r, _, c_sd = effects[k]
-        rows += [normal_row(f"coef_{f}[{lab},Intercept]", b0 + m, s)
-                 for lab, m, s in zip(st.labels[k], r, c_sd, strict=True)]
+        rows += [
+            normal_row(f"coef_{f}[{lab},Intercept]", b0 + m, s)
+            for lab, m, s in zip(st.labels[k], r, c_sd, strict=True)
+        ]
     boundary = _boundary_messages(prep, fit)
     warnings = list(boundary)
     if not fit.converged:
@@ -297,12 +314,24 @@ def _eb_predictions(st: CellStats, fit: ComponentsFit, se_b: np.ndarray) -> list
     sd_mean = np.sqrt(fit.sds[top] ** 2 + se0**2)
     sd_obs = np.sqrt(np.sum(fit.sds**2) + fit.sigma**2 + se0**2)
     return [
-        Prediction("new_group_mean", b0, sd_mean, b0 - Z90 * sd_mean, b0 + Z90 * sd_mean,
-                   f"a new {st.factors[top]}'s mean: normal, var({st.factors[top]}) + "
-                   "SE(b_Intercept)^2, variances plugged in"),
-        Prediction("new_observation_new_group", b0, sd_obs, b0 - Z90 * sd_obs, b0 + Z90 * sd_obs,
-                   "normal: every factor's variance + sigma^2 + SE(b_Intercept)^2 "
-                   "(new groups of every factor)"),
+        Prediction(
+            "new_group_mean",
+            b0,
+            sd_mean,
+            b0 - Z90 * sd_mean,
+            b0 + Z90 * sd_mean,
+            f"a new {st.factors[top]}'s mean: normal, var({st.factors[top]}) + "
+            "SE(b_Intercept)^2, variances plugged in",
+        ),
+        Prediction(
+            "new_observation_new_group",
+            b0,
+            sd_obs,
+            b0 - Z90 * sd_obs,
+            b0 + Z90 * sd_obs,
+            "normal: every factor's variance + sigma^2 + SE(b_Intercept)^2 "
+            "(new groups of every factor)",
+        ),
     ]
 
 
@@ -313,7 +342,9 @@ def resolve_priors(st: CellStats, given: dict[str, Any] | None) -> dict[str, dic
     """Config priors over the defaults: flat b_Intercept, half-Cauchy(outcome SD) on every SD."""
     p = st.p
     y = st.zbar[0, :, p]
-    total = st.within[0, :, p, p].sum() + float(np.dot(st.n, (y - np.dot(st.n, y) / st.n.sum()) ** 2))
+    total = st.within[0, :, p, p].sum() + float(
+        np.dot(st.n, (y - np.dot(st.n, y) / st.n.sum()) ** 2)
+    )
     scale = float(np.sqrt(total / max(st.n_obs - 1, 1))) or 1.0
     priors: dict[str, dict[str, Any]] = {
         "b_Intercept": {"family": "flat"},
@@ -339,7 +370,9 @@ def priors_from_config(priors: dict[str, dict[str, Any]]):
             return HalfCauchy(scale=float(spec["scale"]))
         if spec["family"] == "inv_gamma":
             if "shape" not in spec or "scale" not in spec:
-                raise ConfigError(f"prior '{name}': inv_gamma needs shape and scale (on the variance)")
+                raise ConfigError(
+                    f"prior '{name}': inv_gamma needs shape and scale (on the variance)"
+                )
             return InvGamma(shape=float(spec["shape"]), scale=float(spec["scale"]))
         raise ConfigError(
             f"prior '{name}': family '{spec['family']}' is not available for the multilevel "
@@ -371,9 +404,13 @@ def gibbs_settings(settings: dict[str, Any]):
             steps=int(settings.get("steps", 5)),
         )
     except (TypeError, ValueError):
-        raise ConfigError("gibbs settings chains, warmup, draws, thin and steps must be integers") from None
+        raise ConfigError(
+            "gibbs settings chains, warmup, draws, thin and steps must be integers"
+        ) from None
     if s.chains < 1 or s.warmup < 0 or s.draws < 10 or s.thin < 1 or s.steps < 1:
-        raise ConfigError("gibbs needs chains >= 1, warmup >= 0, draws >= 10, thin >= 1, steps >= 1")
+        raise ConfigError(
+            "gibbs needs chains >= 1, warmup >= 0, draws >= 10, thin >= 1, steps >= 1"
+        )
     return s
 
 
@@ -412,6 +449,7 @@ def gibbs_result(prep: Prepared, settings: dict[str, Any], rng: np.random.Genera
         for g, lab in enumerate(st.labels[k]):
             arrays[f"coef_{f}[{lab},Intercept]"] = b0 + sample.r[k][..., g]
     summary = summarise_draws(arrays)
+    stored = _stored_columns(st, settings.get("store_group_draws"))
     preds = []
     if st.intercept is not None:
         top = int(np.argmin(st.group_counts))
@@ -419,11 +457,23 @@ def gibbs_result(prep: Prepared, settings: dict[str, Any], rng: np.random.Genera
         total_sd = np.sqrt((sample.sd**2).sum(axis=-1) + sample.sigma**2)
         y_new = b0 + total_sd * rng.standard_normal(b0.shape)
         for target, x, how in (
-            ("new_group_mean", mean_new, f"posterior predictive draws of a new {st.factors[top]}'s mean"),
-            ("new_observation_new_group", y_new, "posterior predictive draws (new groups of every factor)"),
+            (
+                "new_group_mean",
+                mean_new,
+                f"posterior predictive draws of a new {st.factors[top]}'s mean",
+            ),
+            (
+                "new_observation_new_group",
+                y_new,
+                "posterior predictive draws (new groups of every factor)",
+            ),
         ):
             q5, q95 = np.quantile(x, [0.05, 0.95])
-            preds.append(Prediction(target, float(x.mean()), float(x.std(ddof=1)), float(q5), float(q95), how))
+            preds.append(
+                Prediction(
+                    target, float(x.mean()), float(x.std(ddof=1)), float(q5), float(q95), how
+                )
+            )
     info = {
         **sample.info(),
         "priors_config": priors,
@@ -436,7 +486,20 @@ def gibbs_result(prep: Prepared, settings: dict[str, Any], rng: np.random.Genera
         "predictions": prediction_rows(preds),
         "warnings": [],
     }
-    return FitResult(summary=summary, draws=draws_frame(arrays), info=info)
+    kept = {k: v for k, v in arrays.items() if not k.startswith(("r_", "coef_")) or k in stored}
+    return FitResult(summary=summary, draws=draws_frame(kept), info=info)
+
+
+def _stored_columns(st: CellStats, setting: Any) -> set[str]:
+    """r_/coef_ columns whose draws go into draws.parquet (``store_group_draws``, per factor)."""
+    from hierpipe.models.gibbs_fit import stored_groups
+
+    out = set()
+    for k, f in enumerate(st.factors):
+        for g in stored_groups(len(st.labels[k]), setting):
+            lab = st.labels[k][g]
+            out |= {f"r_{f}[{lab},Intercept]", f"coef_{f}[{lab},Intercept]"}
+    return out
 
 
 # --------------------------------------------------------------------------- interface
@@ -464,7 +527,7 @@ def fit(
 
 
 def _log_marginal(st: CellStats, theta2: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """:math:`\\log\\int N(y; X\\beta, \\sigma^2 V_\\theta)\\,d\\beta` (flat :math:`\\beta`), per row."""
+    """:math:`\\log\\int N(y; X\\beta, \\sigma^2 V_\\theta)\\,d\\beta`, flat prior; one a row."""
     ev = make_evaluator(st)
     logdet, Q = ev.terms(theta2)
     n, p = st.n_obs, st.p
@@ -486,7 +549,9 @@ def _touch(st: CellStats, keep: np.ndarray, k: int):
     touched = np.flatnonzero(w)
     present = np.unique(st.codes[keep, k])
     pos = np.searchsorted(present, touched)
-    pos = np.where((pos < present.size) & (present[np.minimum(pos, present.size - 1)] == touched), pos, -1)
+    pos = np.where(
+        (pos < present.size) & (present[np.minimum(pos, present.size - 1)] == touched), pos, -1
+    )
     return w[touched], pos
 
 
@@ -517,7 +582,9 @@ def score_held_out(
         sample, _ = run_gibbs(sub, settings, rng)
         sd = sample.sd.reshape(-1, st.K)
         s2 = sample.sigma.reshape(-1) ** 2
-        lp = _log_marginal(st, sd**2 / s2[:, None], s2) - _log_marginal(sub, sd**2 / s2[:, None], s2)
+        lp = _log_marginal(st, sd**2 / s2[:, None], s2) - _log_marginal(
+            sub, sd**2 / s2[:, None], s2
+        )
         elpd = float(logsumexp(lp) - np.log(lp.size))
         beta = sample.beta.reshape(-1, st.p)
         mean = beta @ xbar if st.p else np.zeros(s2.size)
@@ -596,8 +663,10 @@ def shrinkage(
     ysum = np.bincount(st.codes[:, k], weights=st.n * st.zbar[0, :, st.p], minlength=G)
     ybar = ysum / n + st.shift[0]
     est = summary.set_index("parameter")["mean"]
-    pop = float(est["b_Intercept"]) if "b_Intercept" in est.index else float(
-        (ysum.sum()) / n.sum() + st.shift[0]
+    pop = (
+        float(est["b_Intercept"])
+        if "b_Intercept" in est.index
+        else float((ysum.sum()) / n.sum() + st.shift[0])
     )
     theta = np.array([est.get(f"coef_{f}[{lab},Intercept]", np.nan) for lab in st.labels[k]])
     dev = ybar - pop

@@ -18,6 +18,8 @@ SECTIONS = (
     "varying_slopes",
     "shrinkage",
     "variance",
+    "variance_decomposition",
+    "omitted_level",
     "convergence",
     "ppc",
     "residuals",
