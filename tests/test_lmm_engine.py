@@ -328,6 +328,32 @@ def test_prediction_error_variances_match_dense_henderson(formula):
     )
 
 
+def test_block_diagonal_theta_is_the_full_theta_with_zero_cross_terms():
+    """``||``: theta holds each block's lower triangle in turn (lme4's order for the
+    terms (1 + x | g) + (0 + w | g)); criterion and gradient are the full ones there."""
+    df = slopes_frame(17, groups=15, size=[3, 9])
+    df["w"] = np.random.default_rng(2).normal(size=len(df))
+    data = prepared(df, "score ~ 1 + ses + w + (1 + ses | school) + (0 + w | school)")
+    assert data.block_sizes == (2, 1) and data.coef_names == ("Intercept", "ses", "w")
+    assert lmm.n_theta(3, (2, 1)) == 4
+    theta = np.array([0.9, -0.3, 0.4, 0.7])
+    lam = lmm.theta_to_factor(theta, 3, (2, 1))
+    np.testing.assert_array_equal(lam, [[0.9, 0, 0], [-0.3, 0.4, 0], [0, 0, 0.7]])
+    np.testing.assert_array_equal(lmm.factor_to_theta(lam, (2, 1)), theta)
+    full = lmm.factor_to_theta(lam)  # the same factor as an unstructured theta (6 entries)
+    for method in ("ML", "REML"):
+        crit = lmm.criterion(data.stats, theta, method, (2, 1))
+        assert crit == lmm.criterion(data.stats, full, method)  # same arithmetic, same number
+        grad_full = lmm.criterion_gradient(data.stats, full, method)
+        np.testing.assert_array_equal(
+            lmm.criterion_gradient(data.stats, theta, method, (2, 1)), grad_full[[0, 1, 3, 5]]
+        )
+    res = E.eb_lmm(data, "eb_reml")
+    assert res.block_sizes == (2, 1) and res.cor[0, 2] == 0.0 and res.cor[1, 2] == 0.0
+    with pytest.raises(InputError, match="block sizes"):
+        lmm.check_block_sizes(3, (2, 2))
+
+
 def test_group_log_density_matches_scipy_including_singular_covariance():
     rng = np.random.default_rng(4)
     n, k, s = 9, 4, 5
@@ -435,9 +461,9 @@ def test_correlation_interval_matches_dense_curvature(method):
     hess = np.empty((3, 3))
     f = lambda p: dense_criterion_psi(data, p, method == "eb_reml")  # noqa: E731
     for a in range(3):
-        for b in range(3):
+        for b in range(a, 3):  # symmetric: the upper triangle is enough
             ea, eb = h * np.eye(3)[a], h * np.eye(3)[b]
-            hess[a, b] = (
+            hess[a, b] = hess[b, a] = (
                 f(psi + ea + eb) - f(psi + ea - eb) - f(psi - ea + eb) + f(psi - ea - eb)
             ) / (4 * h * h)
     se_z = np.sqrt(2 * np.linalg.inv(hess)[2, 2])

@@ -76,7 +76,25 @@ One iteration (all chains advance together; chains are the leading array axis)
    funnel; this move rescales the :math:`b_g` and :math:`\Sigma` together, by
    the likelihood and the prior scale. Inverse-gamma and inverse-Wishart
    blocks are left out of the move (their prior factor in :math:`s` is not
-   Gaussian); they are sampled centred only.
+   Gaussian).
+5. Interweaving shear moves (``interweave=True``, every ordered pair
+   :math:`j \ne k` within a block, Huang-Wand or inverse-Wishart): the same
+   generalised Gibbs step over the additive group
+   :math:`(b_g, \Sigma) \mapsto (Ab_g, A\Sigma A^\top)`,
+   :math:`A = I + c\,e_ke_j^\top` (Haar measure :math:`dc`). :math:`\det A = 1`,
+   so the :math:`b_g` density, :math:`|\Sigma|` and both Jacobians are
+   unchanged; with :math:`P = \Sigma^{-1}` and the inverse-Wishart scale
+   :math:`\Psi`, :math:`\mathrm{tr}(\Psi A^{-\top}PA^{-1})` is quadratic in
+   :math:`c`, and so is the likelihood, so
+
+   .. math::
+      c \sim N(m/h, 1/h),\quad
+      h = \frac{\sum_g b_{gj}^2 (Z_g^\top Z_g)_{kk}}{\sigma^2} + \Psi_{jj}P_{kk},\quad
+      m = \frac{\sum_g b_{gj}\,(t_g - Z_g^\top Z_g b_g)_k}{\sigma^2} + (\Psi P)_{jk},
+
+   :math:`t_g = Z_g^\top(y_g - X_g\beta)`. The scale move cannot change a
+   correlation; this one moves it together with the :math:`b_g`, which a
+   centred :math:`\Sigma \mid b` step cannot when groups are small.
 
 Everything comes from :func:`hierpipe.models.suffstats_lmm.lmm_suffstats`, so an
 iteration costs :math:`O(G(q^3 + q^2p + qp^2) + p^3)` whatever :math:`N` is.
@@ -415,6 +433,52 @@ def scale_move(
     return s
 
 
+def shear_moves(
+    rng: np.random.Generator,
+    d: _Data,
+    sigma2: np.ndarray,
+    b: np.ndarray,
+    t: np.ndarray,
+    Sigma: np.ndarray,
+    psi: np.ndarray,
+    pairs: list[tuple[int, int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The interweaving shear moves of the module docstring, step 5.
+
+    ``psi`` (C,q,q) is each chain's inverse-Wishart scale (block diagonal: for a
+    Huang-Wand block :math:`2\\nu\\,\\mathrm{diag}(1/a)`); ``pairs`` the ordered
+    (j, k) within blocks. Returns the new ``b`` and ``Sigma``.
+    """
+    b, Sigma = b.copy(), Sigma.copy()
+    for j, k in pairs:
+        prec_cov = np.linalg.inv(Sigma)
+        bj = b[:, :, j].copy()
+        zb_k = np.einsum("gl,cgl->cg", d.ztz[:, k, :], b)
+        prec = np.einsum("cg,g->c", bj**2, d.ztz[:, k, k]) / sigma2
+        lin = np.einsum("cg,cg->c", bj, t[:, :, k] - zb_k) / sigma2
+        prec = prec + psi[:, j, j] * prec_cov[:, k, k]
+        lin = lin + np.einsum("cl,cl->c", psi[:, j, :], prec_cov[:, :, k])
+        c = lin / prec + rng.standard_normal(prec.shape) / np.sqrt(prec)
+        b[:, :, k] += c[:, None] * bj
+        # Sigma -> A Sigma A', A = I + c e_k e_j': row k += c row j, then column k += c column j
+        Sigma[:, k, :] += c[:, None] * Sigma[:, j, :]
+        Sigma[:, :, k] += c[:, None] * Sigma[:, :, j]
+    return b, 0.5 * (Sigma + np.swapaxes(Sigma, 1, 2))
+
+
+def _psi(priors: LmmPriors, slices: list[slice], a: np.ndarray) -> np.ndarray:
+    """Each chain's block-diagonal inverse-Wishart scale (zero for 1-coefficient blocks)."""
+    c, q = a.shape
+    psi = np.zeros((c, q, q))
+    for blk, sl in zip(priors.blocks, slices, strict=True):
+        if isinstance(blk, HuangWand) and sl.stop - sl.start > 1:
+            idx = np.arange(sl.start, sl.stop)
+            psi[:, idx, idx] = 2.0 * blk.nu / a[:, sl]
+        elif isinstance(blk, InvWishart):
+            psi[:, sl, sl] = np.asarray(blk.psi)
+    return psi
+
+
 # --------------------------------------------------------------------------- the sampler
 
 
@@ -506,6 +570,11 @@ def sample_lmm(
         if isinstance(blk, HuangWand):
             scale[sl] = blk.scale
             moved[sl] = settings.interweave
+    pairs = []
+    if settings.interweave:
+        for sl in slices:
+            idx = range(sl.start, sl.stop)
+            pairs += [(j, k) for j in idx for k in idx if j != k]
     sigma2, Sigma, a, lam = _initial(rng, d, c, priors)
     n_keep = settings.draws
     out_beta = np.empty((c, n_keep, p))
@@ -530,6 +599,9 @@ def sample_lmm(
             b = b * s[:, None, :]
             Sigma = Sigma * s[:, :, None] * s[:, None, :]
             a = a / s**2
+        if pairs:
+            t = residual_cross(d, beta)
+            b, Sigma = shear_moves(rng, d, sigma2, b, t, Sigma, _psi(priors, slices, a), pairs)
         k, rem = divmod(it - settings.warmup, settings.thin)
         if it >= settings.warmup and rem == settings.thin - 1:
             out_beta[:, k], out_b[:, k], out_Sigma[:, k] = beta, b, Sigma

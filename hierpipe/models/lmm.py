@@ -888,9 +888,7 @@ def fit_lmm_from_stats(
     )
     obj = _Objective(stats, reml, block_sizes)
     theta, convergence = _optimise(obj)
-    return _assemble(
-        stats, theta, method, names, convergence, obj.n_evaluations, obj.block_sizes
-    )
+    return _assemble(stats, theta, method, names, convergence, obj.n_evaluations, obj.block_sizes)
 
 
 def fit_lmm(
@@ -1095,9 +1093,7 @@ def correlation_intervals(
     q = len(fit.coef_names)
     obj = _Objective(stats, fit.method == "REML", fit.block_sizes or None)
     rel = np.asarray(fit.Sigma) / fit.sigma**2
-    psi0 = np.concatenate(
-        [0.5 * np.log(np.diag(rel)), np.arctanh([cor[j, k] for j, k in pairs])]
-    )
+    psi0 = np.concatenate([0.5 * np.log(np.diag(rel)), np.arctanh([cor[j, k] for j, k in pairs])])
 
     def grad_psi(psi: np.ndarray) -> np.ndarray:
         jac = np.empty((obj.index[0].size, psi.size))
