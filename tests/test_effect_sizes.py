@@ -178,7 +178,7 @@ def test_bad_meta_tables_stop_at_ingest_with_one_line(cols, match):
 def test_one_study_is_too_few_but_duplicates_are_fine_outside_meta():
     one = pd.DataFrame({"study": ["a"], "y": [0.1], "s": [0.1]})
     # the design builder's message (a varying effect needs two groups) comes first
-    with pytest.raises(InputError, match="one group|at least 2 studies"):
+    with pytest.raises(InputError, match=r"one group|at least 2 studies"):
         ingest(one, "y | se(s) ~ 1 + (1 | study)", columns={}, source="m.csv")
     # a repeated group label is how a two-level table looks: only meta tables reject it
     two_level = pd.DataFrame({"g": ["a", "a", "b"], "y": [1.0, 2.0, 3.0]})

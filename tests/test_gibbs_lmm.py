@@ -14,6 +14,7 @@ import pytest
 from scipy import stats as sps
 
 from hierpipe.data.simulate import simulate
+from hierpipe.errors import ConfigError
 from hierpipe.models import gibbs_lmm as gl
 from hierpipe.models.fitting import fit_table
 from hierpipe.models.suffstats_lmm import lmm_suffstats
@@ -312,6 +313,20 @@ def test_recovers_a_simulated_slopes_truth_end_to_end():
     assert s.index.str.startswith("coef_school[").sum() == 2 * 120
     assert result.draws.columns.str.startswith("r_school[").sum() == 2 * 3
     assert result.info["group_draws"]["groups"] == 3
+    # new-group predictive at the mean row: variance = E[z'Sigma z] + E[sigma^2] + Var(x'beta)
+    # (total variance, b_new has mean 0); the reference uses the stored population draws
+    pred = {(r["target"], r["at"]): r for r in result.info["predictions"]}
+    at = next(a for t, a in pred if t == "new_group_mean")
+    row = pred[("new_observation_new_group", at)]
+    xbar = sim.data["ses"].mean()
+    sd0, sd1 = result.draws["sd_school__Intercept"], result.draws["sd_school__ses"]
+    cov01 = result.draws["cor_school__Intercept__ses"] * sd0 * sd1
+    zsz = sd0**2 + 2 * xbar * cov01 + xbar**2 * sd1**2
+    mean = result.draws["b_Intercept"] + xbar * result.draws["b_ses"]
+    var = zsz.mean() + (result.draws["sigma"] ** 2).mean() + mean.var()
+    # 1,200 draws: the SD of a predictive SD estimate is about 2% of it; 8% is 4 of those
+    assert abs(row["sd"] / np.sqrt(var) - 1) < 0.08
+    assert abs(row["mean"] - mean.mean()) < 4 * np.sqrt(var / 1200)
     # coef = b + r, draw by draw
     lab = result.info["group_draws"]["labels"][0]
     dr = result.draws
@@ -334,3 +349,41 @@ def test_same_seed_same_draws_other_seed_other_draws():
     for f in ("beta", "b", "sigma", "Sigma"):
         np.testing.assert_array_equal(getattr(one, f), getattr(two, f))
         assert not np.array_equal(getattr(one, f), getattr(three, f))
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+def test_config_errors_name_the_prior_and_the_allowed_families():
+    sim = simulate("slopes", np.random.default_rng(3), groups=10, size=5)
+    formula = "score ~ 1 + ses + (1 + ses | school)"
+
+    def run(settings):
+        return fit_table(
+            sim.data, formula, "gibbs", settings=settings, rng=np.random.default_rng(0), source="t"
+        )
+
+    with pytest.raises(ConfigError, match=r"sd\[0\] \(block of 2\).*huang_wand or inv_wishart"):
+        run({"priors": {"sd": {"family": "half_cauchy"}}, "draws": 10, "warmup": 0})
+    with pytest.raises(ConfigError, match=r"'sigma'.*half_cauchy or inv_gamma"):
+        run({"priors": {"sigma": {"family": "uniform"}}, "draws": 10, "warmup": 0})
+    with pytest.raises(ConfigError, match="interweave"):
+        run({"interweave": "yes"})
+    # the inverse-Wishart alternative and a normal prior on b run and are recorded
+    res = run(
+        {
+            "priors": {
+                "sd": {"family": "inv_wishart", "df": 3, "scale": 10.0},
+                "b": {"family": "normal", "scale": 100.0},
+            },
+            "chains": 1,
+            "warmup": 10,
+            "draws": 10,
+        }
+    )
+    assert res.info["priors"]["blocks"][0]["family"] == "inv_wishart"
+    assert res.info["priors"]["beta"] == {
+        "family": "normal",
+        "mean": [0.0, 0.0],
+        "sd": [100.0, 100.0],
+    }

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from hierpipe.cv.psis import khat_threshold, psis
-from hierpipe.errors import ConfigError, MethodError
+from hierpipe.errors import ConfigError
 from hierpipe.models.fitting import load_model
 from hierpipe.seeds import derive_rng
 
@@ -78,6 +78,14 @@ def run_chunk(
     model.check(method)
     labels = model.engine.group_labels(model.prepared)
     groups = fold_groups(len(labels), chunk, chunks)
+    if cv_method == "psis" and not hasattr(model.engine, "logo_log_lik"):
+        # The default for samplers; an engine without the marginal likelihood of a
+        # group refits every fold instead (each row says so in cv_method).
+        print(
+            f"cv method 'psis' is not available for {model.structure.kind} models; "
+            "refitting every fold exactly"
+        )
+        cv_method = "exact"
     if cv_method == "psis":
         rows = _psis_rows(model, method, groups, labels, settings, seed, keys, draws)
     elif cv_method == "exact":
@@ -101,11 +109,6 @@ def _psis_rows(model, method, groups, labels, settings, seed, keys, draws) -> li
     engine = model.engine
     if draws is None:
         raise ConfigError(f"cv method 'psis' for fit '{method}' needs the fit's draws")
-    if not hasattr(engine, "logo_log_lik"):
-        raise MethodError(
-            f"cv method 'psis' is not available for {model.structure.kind.replace('_', '-')} "
-            "models; use 'exact'"
-        )
     loglik = engine.logo_log_lik(model.prepared, model.structure, draws)
     r_eff = relative_efficiency(loglik, draws["chain"].to_numpy())
     limit = khat_threshold(loglik.shape[0])

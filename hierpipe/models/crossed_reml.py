@@ -28,6 +28,7 @@ of :mod:`hierpipe.models.nested_reml`.
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 from hierpipe.errors import MethodError
 from hierpipe.models.variance_components import CellStats
@@ -37,23 +38,24 @@ from hierpipe.models.variance_components import CellStats
 MAX_DENSE = 2000
 
 
-def _scatter(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    """Sum ``values`` (C, E[, r]) into ``size`` slots by ``index`` (E,), per chain."""
-    C = values.shape[0]
-    flat = (np.arange(C)[:, None] * size + index[None, :]).ravel()
-    if values.ndim == 2:
-        return np.bincount(flat, weights=values.ravel(), minlength=C * size).reshape(C, size)
-    r = values.shape[2]
-    out = np.empty((C, size, r))
-    for j in range(r):
-        out[:, :, j] = np.bincount(
-            flat, weights=values[:, :, j].ravel(), minlength=C * size
-        ).reshape(C, size)
-    return out
+def _apply(mat: sparse.csr_matrix, x: np.ndarray) -> np.ndarray:
+    """``mat @ x`` along axis 1 of ``x`` (C, n[, r]), for every chain in one sparse product."""
+    C, n = x.shape[:2]
+    flat = np.moveaxis(x, 1, 0).reshape(n, -1)
+    out = np.asarray(mat @ flat)
+    return np.moveaxis(out.reshape(mat.shape[0], C, *x.shape[2:]), 0, 1)
 
 
 class CrossedEvaluator:
-    """The :class:`~hierpipe.models.variance_components.Evaluator` by block elimination."""
+    """The :class:`~hierpipe.models.variance_components.Evaluator` by block elimination.
+
+    With :math:`A` the counts of the eliminated factor's groups (rows) in the
+    other factors' groups (columns) and :math:`t` each column's
+    :math:`\\theta_k`, :math:`M_{Re} = \\theta_e\\, t \\odot A^\\top` and
+    :math:`S = I + (t t^\\top) \\odot (A_{RR} - \\theta_e^2 A^\\top D^{-1} A)`;
+    :math:`A^\\top D^{-1} A` is summed over pairs of cells that share a group of
+    the eliminated factor, all chains in one sparse product.
+    """
 
     def __init__(self, stats: CellStats) -> None:
         self.stats = stats
@@ -71,88 +73,88 @@ class CrossedEvaluator:
                 f"most {MAX_DENSE}"
             )
         self.Ge = counts[self.e]
-        codes = stats.codes
-        n = stats.n
+        codes, n = stats.codes, stats.n
         cells = np.arange(stats.n_cells)
-        self.g_of_cell = codes[:, self.e]
-        self.n_g = np.bincount(self.g_of_cell, weights=n, minlength=self.Ge)
-        R = len(self.rest)
-        # Entries: one a (cell, other factor).
-        self.ent_cell = np.repeat(cells, R)
-        self.ent_k = np.tile(np.array(self.rest), stats.n_cells)
-        self.ent_col = (
-            np.concatenate([self.offsets[j] + codes[:, k] for j, k in enumerate(self.rest)])
-            .reshape(R, -1)
-            .T.ravel()
+        q2, Ge = self.q2, self.Ge
+        g = codes[:, self.e]
+        self.n_g = np.bincount(g, weights=n, minlength=Ge)
+        self.col_k = np.repeat(np.array(self.rest, dtype=np.int64), np.diff(self.offsets))
+        cols = [self.offsets[j] + codes[:, k] for j, k in enumerate(self.rest)]
+        # cell -> eliminated group, cell -> other groups (one column per other factor)
+        self.cell_to_g = sparse.csr_matrix(
+            (np.ones(cells.size), (g, cells)), shape=(Ge, cells.size)
         )
-        self.ent_g = self.g_of_cell[self.ent_cell]
-        self.ent_n = n[self.ent_cell]
-        self.col_k = np.repeat(np.array(self.rest), np.diff(self.offsets))
-        # Within-cell pairs of other factors: M_RR = I + Lambda Z_R'Z_R Lambda.
-        a, b = np.meshgrid(np.arange(R), np.arange(R), indexing="ij")
-        a, b = a.ravel(), b.ravel()
-        ent = np.arange(stats.n_cells * R).reshape(-1, R)
-        self.p0_e1 = ent[:, a].ravel()
-        self.p0_e2 = ent[:, b].ravel()
-        # Pairs of entries that share a group of the eliminated factor.
-        order = np.argsort(self.ent_g, kind="stable")
-        gs = self.ent_g[order]
-        per_g = np.bincount(gs, minlength=self.Ge)
-        starts = np.cumsum(per_g) - per_g
-        reps = per_g[gs]
-        first = np.repeat(np.arange(order.size), reps)
+        self.cell_to_col = sparse.csr_matrix(
+            (np.ones(cells.size * len(cols)), (np.concatenate(cols), np.tile(cells, len(cols)))),
+            shape=(q2, cells.size),
+        )
+        # A: counts of each eliminated group in each other group (Ge x q2), and A^T
+        self.A = sparse.csr_matrix(
+            (np.tile(n, len(cols)), (np.tile(g, len(cols)), np.concatenate(cols))), shape=(Ge, q2)
+        )
+        self.At = self.A.T.tocsr()
+        # A_RR = Z_R' Z_R (counts of pairs of other groups sharing a cell)
+        rr = np.zeros((q2, q2))
+        for c1 in cols:
+            for c2 in cols:
+                np.add.at(rr, (c1, c2), n)
+        self.A_RR = rr
+        # pairs of A's nonzeros in one row: A^T diag(w) A summed as one product
+        coo = self.A.tocoo()
+        order = np.argsort(coo.row, kind="stable")
+        rows, colv, val = coo.row[order], coo.col[order], coo.data[order]
+        per = np.bincount(rows, minlength=Ge)
+        starts = np.cumsum(per) - per
+        reps = per[rows]
+        first = np.repeat(np.arange(rows.size), reps)
         offs = np.arange(first.size) - np.repeat(np.cumsum(reps) - reps, reps)
-        self.p1_e1 = order[first]
-        self.p1_e2 = order[starts[gs[first]] + offs]
-        self.p0_flat = self.ent_col[self.p0_e1] * self.q2 + self.ent_col[self.p0_e2]
-        self.p1_flat = self.ent_col[self.p1_e1] * self.q2 + self.ent_col[self.p1_e2]
-        self.p1_g = self.ent_g[self.p1_e1]
-        self.p0_w = self.ent_n[self.p0_e1]
-        self.p1_w = self.ent_n[self.p1_e1] * self.ent_n[self.p1_e2]
+        second = starts[rows[first]] + offs
+        self.pair_g = rows[first]
+        self.pair_w = val[first] * val[second]
+        self.pair_sum = sparse.csr_matrix(
+            (np.ones(first.size), (colv[first] * q2 + colv[second], np.arange(first.size))),
+            shape=(q2 * q2, first.size),
+        )
         zbar = stats.zbar
         self.base = stats.pooled_within + np.einsum("g,bgi,bgj->bij", n, zbar, zbar)
+        self.Te, self.TR = self._totals(stats.sums)
+
+    def _totals(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sums over each eliminated group (C|B, Ge, r) and each other group (C|B, q2, r)."""
+        return _apply(self.cell_to_g, sums), _apply(self.cell_to_col, sums)
 
     # ------------------------------------------------------------------ pieces
     def _parts(self, theta2: np.ndarray):
-        th = np.sqrt(np.maximum(np.asarray(theta2, dtype=float), 0.0))
-        C = th.shape[0]
-        te = th[:, self.e]
-        D = 1.0 + theta2[:, self.e, None] * self.n_g
-        tk1 = th[:, self.ent_k[self.p0_e1]]
-        tk2 = th[:, self.ent_k[self.p0_e2]]
-        vals0 = tk1 * tk2 * self.p0_w
-        s1 = th[:, self.ent_k[self.p1_e1]] * th[:, self.ent_k[self.p1_e2]]
-        vals1 = (te**2)[:, None] * s1 * self.p1_w / D[:, self.p1_g]
-        q2 = self.q2
-        S = _scatter(
-            np.concatenate([self.p0_flat, self.p1_flat]),
-            np.concatenate([vals0, -vals1], axis=1),
-            q2 * q2,
-        ).reshape(C, q2, q2)
-        S[:, np.arange(q2), np.arange(q2)] += 1.0
-        # M_eR entries: theta_e theta_k n_c at (g, col).
-        m_ent = te[:, None] * th[:, self.ent_k] * self.ent_n
-        return th, D, S, m_ent
+        theta2 = np.maximum(np.asarray(theta2, dtype=float), 0.0)
+        th = np.sqrt(theta2)
+        te2 = theta2[:, self.e]
+        D = 1.0 + te2[:, None] * self.n_g
+        t = th[:, self.col_k]
+        inv = (1.0 / D)[:, self.pair_g] * self.pair_w
+        E = (self.pair_sum @ inv.T).T.reshape(-1, self.q2, self.q2)
+        S = (t[:, :, None] * t[:, None, :]) * (self.A_RR - te2[:, None, None] * E)
+        S[:, np.arange(self.q2), np.arange(self.q2)] += 1.0
+        return th, D, S, t
 
-    def _u(self, th: np.ndarray, sums: np.ndarray):
-        """U_e (C, Ge, r) and U_R (C, q2, r) from cell sums (C|B, cells, r)."""
-        Te = _scatter(self.g_of_cell, sums, self.Ge)
-        TR = _scatter(self.ent_col, sums[:, self.ent_cell], self.q2)
-        Ue = th[:, self.e, None, None] * Te
-        UR = th[:, self.col_k, None] * TR
-        return Ue, UR
+    def _u(self, th: np.ndarray, D: np.ndarray, t: np.ndarray, Te: np.ndarray, TR: np.ndarray):
+        """U_e = theta_e T_e and W = U_R - M_Re D^-1 U_e."""
+        te = th[:, self.e, None, None]
+        Ue = te * Te
+        W = t[..., None] * (TR - _apply(self.At, te**2 * Te / D[..., None]))
+        return Ue, W
 
-    def _w(self, D: np.ndarray, m_ent: np.ndarray, Ue: np.ndarray, UR: np.ndarray) -> np.ndarray:
-        scaled = Ue / D[..., None]
-        return UR - _scatter(self.ent_col, m_ent[..., None] * scaled[:, self.ent_g], self.q2)
+    def _m12(self, th: np.ndarray, t: np.ndarray, x2: np.ndarray) -> np.ndarray:
+        """M_eR x2 = theta_e A (t * x2)."""
+        tt = t if x2.ndim == 2 else t[..., None]
+        te = th[:, self.e, None] if x2.ndim == 2 else th[:, self.e, None, None]
+        return te * _apply(self.A, tt * x2)
 
     # ------------------------------------------------------------------ interface
     def terms(self, theta2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        th, D, S, m_ent = self._parts(theta2)
+        th, D, S, t = self._parts(theta2)
         L = np.linalg.cholesky(S)
         logdet = np.log(D).sum(axis=1) + 2.0 * np.log(np.diagonal(L, axis1=1, axis2=2)).sum(1)
-        Ue, UR = self._u(th, self.stats.sums)
-        W = self._w(D, m_ent, Ue, UR)
+        Ue, W = self._u(th, D, t, self.Te, self.TR)
         SW = np.linalg.solve(S, W)
         Q = (
             self.base
@@ -162,20 +164,18 @@ class CrossedEvaluator:
         return logdet, Q
 
     def _solve(self, theta2: np.ndarray, sums: np.ndarray):
-        th, D, S, m_ent = self._parts(theta2)
-        Ue, UR = self._u(th, sums)
-        W = self._w(D, m_ent, Ue, UR)
+        th, D, S, t = self._parts(theta2)
+        Ue, W = self._u(th, D, t, *self._totals(sums))
         x2 = np.linalg.solve(S, W)
-        Mx2 = _scatter(self.ent_g, m_ent[..., None] * x2[:, self.ent_col], self.Ge)
-        x1 = (Ue - Mx2) / D[..., None]
-        return th, D, S, m_ent, x1, x2
+        x1 = (Ue - self._m12(th, t, x2)) / D[..., None]
+        return th, D, S, t, x1, x2
 
     def _split(self, th: np.ndarray, x1: np.ndarray, x2: np.ndarray) -> list[np.ndarray]:
         out: list = [None] * self.stats.K
-        out[self.e] = th[:, self.e, None, None] * x1 if x1.ndim == 3 else th[:, self.e, None] * x1
+        pad = (None,) * (x1.ndim - 1)
+        out[self.e] = th[(slice(None), self.e, *pad)] * x1
         for j, k in enumerate(self.rest):
-            block = x2[:, self.offsets[j] : self.offsets[j + 1]]
-            out[k] = (th[:, k, None, None] if block.ndim == 3 else th[:, k, None]) * block
+            out[k] = th[(slice(None), k, *pad)] * x2[:, self.offsets[j] : self.offsets[j + 1]]
         return out
 
     def modes(self, theta2: np.ndarray, sums: np.ndarray) -> list[np.ndarray]:
@@ -183,19 +183,13 @@ class CrossedEvaluator:
         return self._split(th, x1, x2)
 
     def cond_var(self, theta2: np.ndarray) -> list[np.ndarray]:
-        th, D, S, m_ent = self._parts(theta2)
-        C = th.shape[0]
+        th, D, S, t = self._parts(theta2)
         Sinv = np.linalg.inv(S)
-        Y = np.zeros((C, self.Ge * self.q2))
-        flat = self.ent_g * self.q2 + self.ent_col
-        for c in range(C):
-            Y[c] = np.bincount(flat, weights=m_ent[c] / D[c, self.ent_g], minlength=Y.shape[1])
-        Y = Y.reshape(C, self.Ge, self.q2)
+        Adense = self.A.toarray()
+        # Y = D^-1 M_eR (dense, Ge x q2 a chain): only for the final fit's few chains
+        Y = th[:, self.e, None, None] * Adense[None] * t[:, None, :] / D[..., None]
         d1 = 1.0 / D + np.einsum("cgi,cij,cgj->cg", Y, Sinv, Y)
         d2 = np.diagonal(Sinv, axis1=1, axis2=2)
-        return self._split_var(th, d1, d2)
-
-    def _split_var(self, th: np.ndarray, d1: np.ndarray, d2: np.ndarray) -> list[np.ndarray]:
         out: list = [None] * self.stats.K
         out[self.e] = th[:, self.e, None] ** 2 * d1
         for j, k in enumerate(self.rest):
@@ -209,14 +203,13 @@ class CrossedEvaluator:
         resid_sums: np.ndarray,
         rng: np.random.Generator,
     ) -> list[np.ndarray]:
-        th, D, S, m_ent, x1, x2 = self._solve(theta2, resid_sums[..., None])
+        th, D, S, t, x1, x2 = self._solve(theta2, resid_sums[..., None])
         C = th.shape[0]
         L = np.linalg.cholesky(S)
         eps2 = rng.standard_normal((C, self.q2, 1))
         v2 = np.linalg.solve(np.swapaxes(L, 1, 2), eps2)[..., 0]
         eps1 = rng.standard_normal((C, self.Ge))
-        Mv2 = _scatter(self.ent_g, m_ent * v2[:, self.ent_col], self.Ge)
         sq = np.sqrt(D)
-        v1 = (eps1 - Mv2 / sq) / sq
+        v1 = (eps1 - self._m12(th, t, v2) / sq) / sq
         s = sigma[:, None]
         return self._split(th, x1[..., 0] + s * v1, x2[..., 0] + s * v2)

@@ -133,6 +133,9 @@ from hierpipe.models.gibbs_fit import draws_frame, stored_groups
 from hierpipe.models.result import FitResult
 from hierpipe.models.suffstats_lmm import LmmStats
 
+#: values (chain x draw x group x coefficient) summarised at once for group parameters
+_BLOCK_VALUES = 1 << 22
+
 if TYPE_CHECKING:  # the engine imports this module lazily; avoid a cycle
     from hierpipe.models.engines.lmm import LmmData
 
@@ -866,8 +869,16 @@ def draws_outputs(
     and the fit.json facts on which groups' draws are stored."""
     pop = parameter_arrays(draws, group, fixed_names, coef_names, block_sizes)
     n_groups = len(labels)
-    every = group_arrays(draws, group, labels, fixed_names, coef_names, np.arange(n_groups))
-    summary = summarise_draws({**pop, **every})
+    parts = [summarise_draws(pop)]
+    # r_ then coef_ rows, a block of groups at a time, so the summary's work arrays stay
+    # bounded by the block rather than by (chains x draws x groups x coefficients)
+    size = max(1, _BLOCK_VALUES // max(1, draws.sigma.size * len(coef_names)))
+    blocks = [np.arange(a, min(a + size, n_groups)) for a in range(0, n_groups, size)]
+    for prefix in ("r_", "coef_"):
+        for idx in blocks:
+            arrays = group_arrays(draws, group, labels, fixed_names, coef_names, idx)
+            parts.append(summarise_draws({k: v for k, v in arrays.items() if k.startswith(prefix)}))
+    summary = pd.concat(parts, ignore_index=True)
     keep = stored_groups(n_groups, store_group_draws)
     stored = {**pop, **group_arrays(draws, group, labels, fixed_names, coef_names, keep)}
     all_stored = len(keep) == n_groups
@@ -878,6 +889,66 @@ def draws_outputs(
         "labels": None if all_stored else [labels[j] for j in keep],
     }
     return summary, draws_frame(stored), facts
+
+
+def _draw_row(target: str, at: str, values: np.ndarray, kind: str) -> dict[str, Any]:
+    q5, q50, q95 = np.quantile(values, [0.05, 0.5, 0.95])
+    return {
+        "target": target,
+        "at": at,
+        "mean": float(values.mean()),
+        "sd": float(values.std(ddof=1)),
+        "q5": float(q5),
+        "q50": float(q50),
+        "q95": float(q95),
+        "kind": kind,
+    }
+
+
+def posterior_predictions(
+    data: LmmData, draws: LmmDraws, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    r"""Posterior predictive rows at the engine's prediction points.
+
+    Existing groups (the engine's example groups, at the mean row):
+    :math:`x^\top\beta + z^\top b_g` per draw, and a new observation adding
+    :math:`N(0, \sigma^2)`. A new group (every point): :math:`b_{new} \sim
+    N(0, \Sigma)` per draw, so the rows carry the uncertainty of
+    :math:`\beta`, :math:`\Sigma` and :math:`\sigma`. Intervals are the draws'
+    5% and 95% quantiles.
+    """
+    from hierpipe.models.engines.lmm import example_groups, prediction_points
+
+    beta = draws.beta.reshape(-1, draws.beta.shape[-1])
+    sig = draws.sigma.reshape(-1)
+    big = draws.Sigma.reshape(-1, *draws.Sigma.shape[-2:])
+    s = beta.shape[0]
+    eps = rng.standard_normal((2, s))
+    b_new = np.einsum("skl,sl->sk", _chol_psd(big), rng.standard_normal((s, big.shape[1])))
+    rows = []
+    kind_old = "existing group: posterior draws of x'beta + z'b_g"
+    kind_new = "new group: posterior predictive draws, b_new ~ N(0, Sigma) per draw"
+    for i, pt in enumerate(prediction_points(data)):
+        if i == 0:
+            for g in example_groups(data):
+                lab = data.labels[g]
+                m = beta @ pt.x + draws.b[:, :, g, :].reshape(s, -1) @ pt.z
+                rows.append(_draw_row(f"fitted_mean[{lab}]", pt.at, m, kind_old))
+                rows.append(
+                    _draw_row(f"new_observation[{lab}]", pt.at, m + sig * eps[0], kind_old + " + e")
+                )
+        m = beta @ pt.x + b_new @ pt.z
+        rows.append(_draw_row("new_group_mean", pt.at, m, kind_new))
+        rows.append(
+            _draw_row("new_observation_new_group", pt.at, m + sig * eps[1], kind_new + " + e")
+        )
+    return rows
+
+
+def _chol_psd(m: np.ndarray) -> np.ndarray:
+    """Factors F with F F' = m for a stack of PSD matrices (eigen, so a zero SD is fine)."""
+    w, v = np.linalg.eigh(0.5 * (m + np.swapaxes(m, -1, -2)))
+    return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
 
 
 def gibbs_lmm(data: LmmData, settings: dict[str, Any], rng: np.random.Generator) -> FitResult:
@@ -896,5 +967,11 @@ def gibbs_lmm(data: LmmData, settings: dict[str, Any], rng: np.random.Generator)
         data.block_sizes,
         settings.get("store_group_draws"),
     )
-    info = {**draws.info(), "priors_config": prior_cfg, "group_draws": facts, "warnings": []}
+    info = {
+        **draws.info(),
+        "priors_config": prior_cfg,
+        "group_draws": facts,
+        "predictions": posterior_predictions(data, draws, rng),
+        "warnings": [],
+    }
     return FitResult(summary=summary, draws=table, info=info)

@@ -318,8 +318,10 @@ class TwoLevelDraws:
     b_Intercept, sd, sigma : arrays of shape ``(C, D)``.
     theta : group means (``coef``), shape ``(C, D, J)``.
     settings, priors : what produced the draws.
-    stats : JSON-able sampler statistics (slice widths and density evaluations
-        per iteration, or the acceptance rate of the ASIS ancillary step).
+    stats : JSON-able sampler statistics: for ``"collapsed"`` the update used
+        after warm-up, the fraction of kept iterations in which a proposal was
+        chosen, per chain, and the collapsed-density evaluations per iteration;
+        for ``"asis"`` the acceptance rate of the ancillary step, per chain.
     """
 
     b_Intercept: np.ndarray
@@ -332,7 +334,11 @@ class TwoLevelDraws:
 
     @cached_property
     def r(self) -> np.ndarray:
-        """Group deviations ``theta - b_Intercept`` (``r``), shape ``(C, D, J)``."""
+        """Group deviations ``theta - b_Intercept`` (``r``), shape ``(C, D, J)``.
+
+        Computed on first access and then kept (another array the size of
+        ``theta``).
+        """
         return self.theta - self.b_Intercept[:, :, None]
 
     def info(self) -> dict[str, Any]:

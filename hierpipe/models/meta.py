@@ -58,6 +58,14 @@ Cooper, Hedges & Valentine (eds.), *The Handbook of Research Synthesis and
 Meta-Analysis* (2nd ed.), 295-315. Russell Sage Foundation.
 Raudenbush, S. W. & Bryk, A. S. (1985). Empirical Bayes meta-analysis.
 *J. Educ. Stat.* 10, 75-98.
+Egger, M., Davey Smith, G., Schneider, M. & Minder, C. (1997). Bias in
+meta-analysis detected by a simple, graphical test. *BMJ* 315, 629-634.
+Sterne, J. A. C. & Egger, M. (2005). Regression methods to detect publication and
+other bias in meta-analysis. In Rothstein, Sutton & Borenstein (eds.),
+*Publication Bias in Meta-Analysis*, 99-110. Wiley.
+Sterne, J. A. C. et al. (2011). Recommendations for examining and interpreting
+funnel plot asymmetry in meta-analyses of randomised controlled trials. *BMJ*
+343, d4002.
 """
 
 from __future__ import annotations

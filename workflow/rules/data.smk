@@ -31,7 +31,7 @@ rule ingest:
         formula=lambda w: S.study(config, w.study)["formula"],
         columns=lambda w: " ".join(
             # quoted: file column names may hold spaces ("School ID")
-            "--column " + shlex.quote(f"{k}={v}")
+            f"--column {shlex.quote(f'{k}={v}')}"
             for k, v in sorted(S.study(config, w.study)["data"].get("columns", {}).items())
         ),
         effect_size=lambda w: S.effect_size_json(config, w.study),
