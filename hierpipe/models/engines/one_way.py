@@ -121,6 +121,8 @@ def run_gibbs(stats: GroupStats, settings: dict[str, Any], rng: np.random.Genera
         draws=draws,
         priors=priors_from_config(priors),
         rng=rng,
+        scheme=settings.get("scheme", "collapsed"),
+        backend=settings.get("backend", "numpy"),
     )
     return sample, priors
 
