@@ -79,7 +79,8 @@ if __name__ == "__main__":
                 rhat = max(az.rhat(getattr(fit, k)) for k in ess)
                 print(
                     f"{name:40s} {be:5s} {sc:9s} {best:7.3f} s {2000 / best:8.0f} it/s  "
-                    f"ESS/draw b {ess['b_Intercept'] / 4000:.2f} sd {ess['sd'] / 4000:.3f} sigma {ess['sigma'] / 4000:.2f}  "
+                    f"ESS/draw b {ess['b_Intercept'] / 4000:.2f} sd {ess['sd'] / 4000:.3f} "
+                    f"sigma {ess['sigma'] / 4000:.2f}  "
                     f"min ESS/s {min(ess.values()) / best:9.0f}  max R-hat {rhat:.3f}",
                     flush=True,
                 )
