@@ -195,6 +195,7 @@ def cmd_cv_kfold(args: argparse.Namespace) -> None:
         args.formula,
         args.fit,
         folds=args.folds,
+        fold_seed=args.fold_seed,
         chunk=args.chunk,
         chunks=args.chunks,
         settings=_settings(args.settings),
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--formula", required=True)
     s.add_argument("--fit", required=True)
     s.add_argument("--folds", type=int, required=True)
+    s.add_argument("--fold-seed", type=int, help="seed of the fold assignment (default --seed)")
     s.add_argument("--chunk", type=int, default=0)
     s.add_argument("--chunks", type=int, default=1)
     s.add_argument("--seed", type=int, default=42)

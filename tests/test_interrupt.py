@@ -209,3 +209,17 @@ def test_kill_during_a_write_leaves_no_file_that_looks_finished(tmp_path):
     left = list(target.parent.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".summary.parquet.")
     assert left[0].name.endswith(".tmp")
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    """The temporary file is private (mkstemp); the finished one is not (umask applies)."""
+    from hierpipe.io import write_text
+
+    old = os.umask(0o027)
+    try:
+        write_text("x", tmp_path / "a.txt")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640

@@ -10,8 +10,8 @@ random order and dealt to folds :math:`0..K-1` in turn, starting at a random
 fold; groups with one observation are never held out. A fold therefore holds
 out at most :math:`\lceil n_j/K \rceil \le n_j - 1` rows of group :math:`j`, so
 every group keeps training data in every fold. The assignment comes from a
-generator derived from the seed, the study and ``"kfold"`` only, so every fit
-is scored on the same folds and the comparison is paired.
+generator derived from the study's seed, the study and ``"kfold"`` only, so
+every fit is scored on the same folds and the comparison is paired.
 
 Score. For fold :math:`k` the fit is refitted on the other folds, and each
 group's held-out rows :math:`y_{jk}` are scored jointly by their log predictive
@@ -24,8 +24,9 @@ mean. One row of ``cv/kfold/{fit}.parquet`` is a (group, fold) block.
 standard errors and paired differences are over groups, as for
 leave-one-group-out.
 
-Refits' generators are derived from the seed, the study, the fit, ``"kfold"``
-and the fold, so a fold's result does not depend on how folds are chunked.
+Refits' generators are derived from the fit's seed, the study, the fit,
+``"kfold"`` and the fold, so a fold's result does not depend on how folds are
+chunked.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def run_kfold(
     method: str,
     *,
     folds: int,
+    fold_seed: int | None = None,
     chunk: int = 0,
     chunks: int = 1,
     settings: dict[str, Any],
@@ -101,7 +103,11 @@ def run_kfold(
     keys: Sequence[str],
     source: str,
 ) -> pd.DataFrame:
-    """Scores of the folds ``chunk, chunk + chunks, ...``: one row a (group, fold) block."""
+    """Scores of the folds ``chunk, chunk + chunks, ...``: one row a (group, fold) block.
+
+    The folds are dealt by a generator derived from ``fold_seed`` (the study's
+    seed; default ``seed``) and ``keys``, the refits' from ``seed`` (the fit's).
+    """
     check_folds(folds)
     model, design = model_and_design(df, formula, source)
     model.check(method)
@@ -112,7 +118,7 @@ def run_kfold(
             f"{model.structure.kind.replace('_', '-')} models yet"
         )
     term = design.random[0]
-    assign_rng = derive_rng(seed, *keys, "kfold")
+    assign_rng = derive_rng(seed if fold_seed is None else fold_seed, *keys, "kfold")
     fold_of_row = assign_folds(term.codes, len(term.labels), folds, assign_rng)
     rows = []
     for k in range(chunk, folds, chunks):

@@ -19,12 +19,13 @@ def _score_args(w, folds=None):
     args = [
         "--formula", S.study(config, w.study)["formula"],
         "--fit", w.fit,
-        "--seed", str(S.study_seed(config, w.study)),
+        "--seed", str(S.fit_seed(config, w.study, w.fit)),
         "--key", w.study,
         "--settings", S.fit_settings_json(config, w.study, w.fit),
     ]
     if folds is not None:
-        args += ["--folds", str(folds)]
+        # The folds are dealt from the study's seed, so every fit is scored on the same.
+        args += ["--folds", str(folds), "--fold-seed", str(S.study_seed(config, w.study))]
     elif S.cv_method(config, w.study, w.fit) == "psis":
         args += ["--method", "psis", "--draws", _draws_path(w)]
     return " ".join(shlex.quote(a) for a in args)

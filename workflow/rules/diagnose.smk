@@ -14,7 +14,7 @@ def diagnose_params():
         formula=lambda w: S.study(config, w.study)["formula"],
         outdir=lambda w: f"{RESULTS}/{w.study}/diagnostics/{w.fit}",
         fitdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
-        seed=lambda w: S.study_seed(config, w.study),
+        seed=lambda w: S.fit_seed(config, w.study, w.fit),
         code=CODE,
     )
 

@@ -526,12 +526,26 @@ def fit(
 # --------------------------------------------------------------------------- CV
 
 
-def _log_marginal(st: CellStats, theta2: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """:math:`\\log\\int N(y; X\\beta, \\sigma^2 V_\\theta)\\,d\\beta`, flat prior; one a row."""
-    ev = make_evaluator(st)
-    logdet, Q = ev.terms(theta2)
-    n, p = st.n_obs, st.p
-    return -0.5 * absolute_criterion(logdet, Q, sigma2, n, p, True)
+def cv_log_density(
+    st: CellStats, sub: CellStats, sds: np.ndarray, sigma: np.ndarray, priors: Any = None
+) -> np.ndarray:
+    """:math:`\\log p(y_j \\mid y_{-j})` given each row of ``sds`` (S, K) and ``sigma`` (S,).
+
+    The held-out rows' density with :math:`\\beta` and every effect integrated out:
+    :math:`\\log m(y) - \\log m(y_{-j})`, :math:`m` the marginal likelihood with
+    :math:`\\beta` integrated against its prior (flat unless ``priors`` gives
+    ``b_Intercept`` a normal one); the held-out rows' 2-pi terms are added back,
+    all other constants cancel.
+    """
+    from hierpipe.models.gibbs_multilevel import MultilevelPriors, _Marginal
+    from hierpipe.models.gibbs_twolevel import HalfCauchy
+
+    if priors is None:  # the SD priors cancel; only beta's matters
+        priors = MultilevelPriors(sd=HalfCauchy(1.0), sigma=HalfCauchy(1.0))
+    u = np.column_stack([np.log(np.maximum(sds, 1e-300)), np.log(sigma)])
+    full = _Marginal(make_evaluator(st), priors).logp(u)
+    rest = _Marginal(make_evaluator(sub), priors).logp(u)
+    return full - rest - 0.5 * (st.n_obs - sub.n_obs) * np.log(2.0 * np.pi)
 
 
 def _held_out(prep: Prepared, j: int):
@@ -561,9 +575,9 @@ def score_held_out(
     r"""Refit without group ``j`` and score its observations.
 
     The log predictive density is exact given the variances: with :math:`\beta`
-    and every effect integrated out (flat prior on :math:`\beta`),
+    and every effect integrated out (:func:`cv_log_density`),
     :math:`\log p(y_j \mid y_{-j}) = \log m(y) - \log m(y_{-j})`, :math:`m` the
-    integrated likelihood of :func:`_log_marginal`, at the refitted variances
+    integrated likelihood, at the refitted variances
     (plug-in) or averaged over the refit's draws (Gibbs). The 90% interval for
     the group's mean uses, for each factor's groups the held-out rows touch,
     the refit's estimate where the group is in the training data and a new
@@ -579,12 +593,10 @@ def score_held_out(
     xbar = (st.n[held, None] * st.zbar[0, held, : st.p]).sum(axis=0) / n_j
     ybar = float((st.n[held] * st.zbar[0, held, st.p]).sum() / n_j + st.shift[0])
     if method == "gibbs":
-        sample, _ = run_gibbs(sub, settings, rng)
+        sample, priors = run_gibbs(sub, settings, rng)
         sd = sample.sd.reshape(-1, st.K)
         s2 = sample.sigma.reshape(-1) ** 2
-        lp = _log_marginal(st, sd**2 / s2[:, None], s2) - _log_marginal(
-            sub, sd**2 / s2[:, None], s2
-        )
+        lp = cv_log_density(st, sub, sd, np.sqrt(s2), priors_from_config(priors))
         elpd = float(logsumexp(lp) - np.log(lp.size))
         beta = sample.beta.reshape(-1, st.p)
         mean = beta @ xbar if st.p else np.zeros(s2.size)
@@ -614,9 +626,7 @@ def score_held_out(
             modes = _effects(sub_prep, ev, cf)
         else:
             raise MethodError(f"fit method '{method}' cannot predict a new group")
-        s2 = np.array([s2f])
-        th = theta2[None, :]
-        lp = _log_marginal(st, th, s2) - _log_marginal(sub, th, s2)
+        lp = cv_log_density(st, sub, sds[None, :], np.array([np.sqrt(s2f)]))
         elpd = float(lp[0])
         centre = float(beta @ xbar) if st.p else 0.0
         var = s2f / n_j + float(xbar @ cov @ xbar)
