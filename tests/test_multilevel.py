@@ -294,7 +294,7 @@ def test_variance_at_zero_is_a_boundary_fit():
 def test_profile_limits_sit_where_the_criterion_rises_by_the_cutoff():
     """At each reported limit the constrained minimum is the cut-off above the optimum.
 
-    The constrained minima are found by Nelder-Mead from three starts (a
+    The constrained minima are found by Nelder-Mead from two starts (a
     different optimiser from the code's), over the other log variances.
     """
     from scipy.optimize import minimize
@@ -312,7 +312,7 @@ def test_profile_limits_sit_where_the_criterion_rises_by_the_cutoff():
 
     def constrained_min(phi_of):
         best = np.inf
-        for start in (np.zeros(3), np.full(3, -20.0), np.array([0.0, -20.0, -1.0])):
+        for start in (np.zeros(3), np.array([0.0, -20.0, -1.0])):
             res = minimize(
                 lambda nu: crit(phi_of(nu)),
                 start,
@@ -412,9 +412,9 @@ def test_coef_standard_errors_are_henderson_prediction_errors():
 
 
 def test_reml_recovers_parameters_in_simulation():
-    """Mean of 40 REML fits within 4 Monte Carlo SEs of the truth (REML is nearly unbiased)."""
+    """Mean of 25 REML fits within 4 Monte Carlo SEs of the truth (REML is nearly unbiased)."""
     est = []
-    for rep in range(40):
+    for rep in range(25):
         sim = simulate(
             "three_level",
             np.random.default_rng(100 + rep),
@@ -509,3 +509,48 @@ def test_unsupported_models_and_bad_data_fail_clearly():
         )
     with pytest.raises(MethodError, match="does not apply"):
         load_model(df, NESTED, "d").check("no_pooling")
+
+
+def test_cv_density_with_a_normal_intercept_prior_matches_dense_conditioning():
+    """beta ~ N(m, s^2): y ~ N(X m, V + s^2 X X'); condition the held-out rows on the rest."""
+    from hierpipe.models.engines.multilevel import cv_log_density
+    from hierpipe.models.gibbs_multilevel import MultilevelPriors
+    from hierpipe.models.gibbs_twolevel import HalfCauchy, Normal
+
+    sim = simulate(
+        "three_level", np.random.default_rng(6), schools=5, classrooms=[1, 3], students=[1, 4]
+    )
+    df = sim.data
+    model = load_model(df, NESTED, "s")
+    st = model.prepared.stats
+    keep = st.codes[:, 0] != 2
+    sub = st.subset(keep)
+    sds, sigma, m, s0 = np.array([4.0, 2.5]), 9.0, 65.0, 3.0
+    priors = MultilevelPriors(sd=HalfCauchy(1.0), sigma=HalfCauchy(1.0), b_Intercept=Normal(m, s0))
+    got = cv_log_density(st, sub, sds[None, :], np.array([sigma]), priors)[0]
+    school = np.unique(df.school, return_inverse=True)[1]
+    room = np.unique(df.school + ":" + df.classroom, return_inverse=True)[1]
+    V = (
+        sigma**2 * np.eye(len(df))
+        + sds[0] ** 2 * (school[:, None] == school[None, :])
+        + sds[1] ** 2 * (room[:, None] == room[None, :])
+        + s0**2
+    )
+    y = df.score.to_numpy()
+    h = school == 2
+    K = V[h][:, ~h] @ np.linalg.inv(V[~h][:, ~h])
+    mean = m + K @ (y[~h] - m)
+    cov = V[h][:, h] - K @ V[~h][:, h]
+    d = y[h] - mean
+    want = -0.5 * (
+        h.sum() * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1] + d @ np.linalg.solve(cov, d)
+    )
+    assert got == pytest.approx(want, abs=1e-8)  # exact identity: rounding only
+    row = model.engine.score_held_out(
+        model.prepared,
+        2,
+        "gibbs",
+        {"chains": 2, "warmup": 100, "draws": 100},
+        np.random.default_rng(0),
+    )
+    assert np.isfinite(row["elpd"]) and row["pred_q5"] < row["pred_mean"] < row["pred_q95"]

@@ -44,7 +44,6 @@ from hierpipe.models.structure import Structure
 from hierpipe.models.variance_components import (
     CellStats,
     ComponentsFit,
-    absolute_criterion,
     cell_stats,
     fit_components,
     icc_denominators,
@@ -615,13 +614,12 @@ def score_held_out(
     else:
         if method == "complete_pooling":
             beta, cov, s2f, _ = _complete_pooling_fit(sub)
-            theta2 = np.zeros(st.K)
             sds = np.zeros(st.K)
             modes = None
         elif method in ("eb_ml", "eb_reml"):
             ev = make_evaluator(sub)
             cf = fit_components(ev, "REML" if method == "eb_reml" else "ML")
-            beta, cov, s2f, theta2, sds = cf.beta, cf.beta_cov, cf.sigma**2, cf.theta2, cf.sds
+            beta, cov, s2f, sds = cf.beta, cf.beta_cov, cf.sigma**2, cf.sds
             sub_prep = Prepared(sub, prep.order, prep.group_index, prep.source)
             modes = _effects(sub_prep, ev, cf)
         else:

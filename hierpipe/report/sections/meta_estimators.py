@@ -26,13 +26,13 @@ def _freq_cells(m: dict[str, Any]) -> dict[str, str]:
     if not fixed and m.get("tau2_se") is not None:
         tau2 += f" (SE {num(m['tau2_se'], 4)})"
     cells["tau2"] = tau2
+    cells["tau2 Q-profile interval"] = "–" if fixed else _ci(*m["tau2_ci"])
     cells["tau"] = "0 (assumed)" if fixed else f"{num(m['tau'])} {_ci(*m['tau_ci'])}"
     if fixed:
         # from Q alone (Higgins & Thompson 2002), as metafor prints them for a fixed-effect fit
         cells["I2 (%)"] = f"{num(m['I2'], 1)} (from Q)"
         cells["H2"] = f"{num(m['H2'], 2)} (Q / df)"
     else:
-        cells["tau2 Q-profile interval"] = _ci(*m["tau2_ci"])
         i2, h2 = m["I2_ci"], m["H2_ci"]
         cells["I2 (%)"] = f"{num(m['I2'], 1)} {_ci(num(i2[0], 1), num(i2[1], 1))}"
         cells["H2"] = f"{num(m['H2'], 2)} {_ci(num(h2[0], 2), num(h2[1], 2))}"
