@@ -714,6 +714,9 @@ def resolve_priors(data: LmmData, given: dict[str, Any] | None) -> dict[str, Any
     """
     out = default_priors(data)
     given = dict(given or {})
+    if "b_Intercept" in given:
+        # The config schema names the fixed-effect prior as the two-level model does.
+        given["b"] = given.pop("b_Intercept")
     unknown = set(given) - {"b", "sd", "sigma"}
     if unknown:
         raise ConfigError(f"gibbs priors: unknown key(s) {sorted(unknown)} (use b, sd, sigma)")

@@ -205,7 +205,7 @@ class _Marginal:
 
 
 def _slice_coordinate(
-    lp_fn, u: np.ndarray, lp: np.ndarray, j: int, width: np.ndarray, rng: np.random.Generator
+    lp_fn: Any, u: np.ndarray, lp: np.ndarray, j: int, width: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One slice-sampling update of coordinate ``j`` of every chain (stepping out, shrinkage)."""
     C = u.shape[0]
@@ -276,7 +276,12 @@ def _initial(stats: CellStats, chains: int, rng: np.random.Generator) -> np.ndar
     return base[:, None] + rng.normal(0.0, 0.5, size=(chains, stats.K + 1))
 
 
-def _rwm(ev, priors, settings, rng):
+def _rwm(
+    ev: Evaluator,
+    priors: MultilevelPriors,
+    settings: MultilevelSettings,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], dict[str, Any]]:
     r"""Collapsed scheme with a multivariate random-walk Metropolis update of the log-SDs.
 
     Proposal :math:`N(u, \lambda^2 \Sigma)` per chain; during warm-up only,
@@ -342,7 +347,13 @@ def _rwm(ev, priors, settings, rng):
     return keep_u, keep_b, keep_r, stats
 
 
-def _collapsed(ev, priors, settings, rng):
+def _slice(
+    ev: Evaluator,
+    priors: MultilevelPriors,
+    settings: MultilevelSettings,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], dict[str, Any]]:
+    """The collapsed scheme with coordinate-wise slice sampling of the log-SDs."""
     st = ev.stats
     C, K = settings.chains, st.K
     marg = _Marginal(ev, priors)
@@ -387,18 +398,29 @@ def _collapsed(ev, priors, settings, rng):
     return keep_u, keep_b, keep_r, stats
 
 
-def _ig(rng: np.random.Generator, shape: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _ig(rng: np.random.Generator, shape: Any, scale: Any) -> np.ndarray:
     return scale / rng.gamma(shape)
 
 
-def _draw_variance(prior, aux, ss, count, rng):
+def _draw_variance(
+    prior: HalfCauchy | InvGamma,
+    aux: np.ndarray,
+    ss: np.ndarray,
+    count: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """sigma^2 | effects (and the half-Cauchy auxiliary): conjugate inverse gamma."""
     if isinstance(prior, HalfCauchy):
         return _ig(rng, (count + 1.0) / 2.0, ss / 2.0 + 1.0 / aux)
     return _ig(rng, prior.shape + count / 2.0, prior.scale + ss / 2.0)
 
 
-def _plain(ev, priors, settings, rng):
+def _plain(
+    ev: Evaluator,
+    priors: MultilevelPriors,
+    settings: MultilevelSettings,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], dict[str, Any]]:
     """The centred Gibbs sampler (see module docstring); O(cells) an iteration."""
     st = ev.stats
     if not isinstance(priors.b_Intercept, Flat) or st.batch != 1:
@@ -475,7 +497,7 @@ def gibbs_multilevel(
         raise ValueError("statistics batch must be 1 or the number of chains")
     if settings.chains < 1 or settings.warmup < 0 or settings.draws < 1 or settings.thin < 1:
         raise ConfigError("gibbs needs chains >= 1, warmup >= 0, draws >= 1 and thin >= 1")
-    run = {"collapsed": _rwm, "slice": _collapsed, "plain": _plain}.get(settings.scheme)
+    run = {"collapsed": _rwm, "slice": _slice, "plain": _plain}.get(settings.scheme)
     if run is None:
         raise ConfigError(f"unknown gibbs scheme '{settings.scheme}' (collapsed or plain)")
     u, beta, r, stats = run(ev, priors, settings, rng)
