@@ -150,30 +150,6 @@ def test_slopes_report_has_fixed_effects_and_varying_slopes(run):
     assert "varying_slopes" in diag.ids and "block diagonal" in " ".join(diag.text)
 
 
-def test_cli_refuses_gibbs_for_slopes_until_the_sampler_exists(run, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("hierpipe.models.gibbs_lmm") is not None:
-        pytest.skip("the varying-slopes sampler exists")
-    proc = subprocess.run(
-        [
-            "hierpipe",
-            "fit",
-            str(run / "slopes" / "data.parquet"),
-            "--formula",
-            TINY["studies"]["slopes"]["formula"],
-            "--fit",
-            "gibbs",
-            "--out",
-            str(tmp_path / "g"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("gibbs for varying slopes is not available yet")
-
-
 def test_ellipse_holds_its_level_and_labels_round_trip():
     from hierpipe.report.sections.varying_slopes import _group_values, ellipse
 
