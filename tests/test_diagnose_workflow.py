@@ -97,8 +97,9 @@ def test_report_shows_every_check(run) -> None:
     page = (run / "results" / "schools_like" / "report.html").read_text()
     for section in ("convergence", "ppc", "residuals", "shrinkage", "cv", "recovery"):
         assert f'<section id="{section}">' in page, section
-    for text in ("trace and rank plots", "Prior predictive check", "New observations of known groups",
-                 "James–Stein", "group coefficients coef_", "MCSE of 5% quantile"):  # fmt: skip
+    texts = ("trace and rank plots", "Prior predictive check", "New observations of known groups",
+             "James–Stein", "group coefficients coef_", "MCSE of 5% quantile")  # fmt: skip
+    for text in texts:
         assert text in page or text in _alts(page), text
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     for fit in FITS:

@@ -97,9 +97,7 @@ def diagnose_fit(
         "icc": _icc(summary, model.structure.group),
         # an engine that knows the trace of the hat matrix exactly (LMM: the weights
         # are per coefficient and do not add up to it) reports it in fit.json
-        "effective_parameters": float(
-            info.get("effective_parameters", np.nansum(table["weight"]))
-        ),
+        "effective_parameters": float(info.get("effective_parameters", np.nansum(table["weight"]))),
         "groups": len(table),
         "predictions": info.get("predictions", []),
         "warnings": info.get("warnings", []),
