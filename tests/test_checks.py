@@ -24,10 +24,11 @@ from hierpipe.cv.kfold import model_and_design
 from hierpipe.data.simulate import simulate
 from hierpipe.diagnostics import checks
 from hierpipe.diagnostics.ppc import (
-    normal_group_replicates,
+    Replicates,
+    normal_group_statistics,
     observed_statistics,
     p_values,
-    ppc_table,
+    ppc_tables,
 )
 from hierpipe.diagnostics.shrinkage import _q_statistic, james_stein
 from hierpipe.io import write_json, write_parquet
@@ -102,13 +103,16 @@ def test_efron_morris_beats_the_group_means_in_risk() -> None:
 # --------------------------------------------------------------------------- predictive checks
 
 
+def _one_block(stats: dict[str, np.ndarray], note: str = "test") -> Replicates:
+    count, width = stats["mean"].shape
+    return Replicates(count=count, blocks=[(0, width, stats)], note=note)
+
+
 def test_replicated_statistics_match_brute_force_simulation() -> None:
     rng = np.random.default_rng(21)
     n = np.array([1.0, 3.0, 12.0])
     theta, sigma, reps = np.array([[0.0, 5.0, -2.0]]), 2.0, 4000
-    fast = normal_group_replicates(
-        np.repeat(theta, reps, axis=0), np.full(reps, sigma), n, rng, "test"
-    )
+    fast = normal_group_statistics(np.repeat(theta, reps, axis=0), np.full(reps, sigma), n, rng)
     # Brute force: whole data sets, statistics computed the ordinary way.
     codes = np.repeat(np.arange(3), n.astype(int))
     slow = {s: np.empty((reps, 3)) for s in ("mean", "sd", "min", "max")}
@@ -119,16 +123,37 @@ def test_replicated_statistics_match_brute_force_simulation() -> None:
         for s in slow:
             slow[s][r] = obs.group[s]
             slow_overall[s][r] = obs.overall[s]
+    observed = observed_statistics(theta[0][codes], codes, 3)
+    _, fast_overall = ppc_tables(observed, _one_block(fast), ("a", "b", "c"))
     # Two-sample KS tests, fixed seeds: a wrong distribution (say max of n uniforms
     # taken as U^n, or the SD's degrees of freedom off by one) gives p < 1e-10 at this size.
     for s in slow:
         for j in range(3):
             if s == "sd" and n[j] == 1:
-                assert np.isnan(fast.group[s][:, j]).all()
+                assert np.isnan(fast[s][:, j]).all()
                 continue
-            p = stats.ks_2samp(fast.group[s][:, j], slow[s][:, j]).pvalue
+            p = stats.ks_2samp(fast[s][:, j], slow[s][:, j]).pvalue
             assert p > 1e-3, (s, j, p)
-        assert stats.ks_2samp(fast.overall[s], slow_overall[s]).pvalue > 1e-3, s
+        assert stats.ks_2samp(fast_overall[s], slow_overall[s]).pvalue > 1e-3, s
+
+
+def test_blocks_give_the_same_tables_as_one_block() -> None:
+    rng = np.random.default_rng(2)
+    j, reps = 7, 50
+    n = rng.integers(1, 9, j).astype(float)
+    codes = np.repeat(np.arange(j), n.astype(int))
+    observed = observed_statistics(rng.normal(size=codes.size), codes, j)
+    stats_ = normal_group_statistics(np.zeros((reps, j)), np.ones(reps), n, rng)
+    labels = tuple("abcdefg")
+    whole = ppc_tables(observed, _one_block(stats_), labels)
+    cuts = [(0, 3), (3, 4), (4, 7)]
+    blocks = [(a, b, {k: v[:, a:b] for k, v in stats_.items()}) for a, b in cuts]
+    split = ppc_tables(observed, Replicates(count=reps, blocks=blocks, note=""), labels)
+    # The overall SD is accumulated from shifted sums: equal to rounding.
+    pd.testing.assert_frame_equal(whole[0], split[0], rtol=1e-12)
+    pd.testing.assert_frame_equal(whole[1], split[1], rtol=1e-12)
+    with pytest.raises(ValueError, match="consecutive"):
+        ppc_tables(observed, Replicates(reps, [blocks[0], blocks[2]], ""), labels)
 
 
 def test_p_values_are_uniform_at_the_true_parameters() -> None:
@@ -139,15 +164,13 @@ def test_p_values_are_uniform_at_the_true_parameters() -> None:
     codes = np.repeat(np.arange(j), n.astype(int))
     y = theta[codes] + 1.5 * rng.standard_normal(codes.size)
     observed = observed_statistics(y, codes, j)
-    reps_ = normal_group_replicates(
-        np.broadcast_to(theta, (reps, j)), np.full(reps, 1.5), n, rng, "truth"
-    )
+    reps_ = normal_group_statistics(np.broadcast_to(theta, (reps, j)), np.full(reps, 1.5), n, rng)
     for s in ("mean", "sd", "min", "max"):
-        p = p_values(observed.group[s], reps_.group[s])
+        p = p_values(observed.group[s], reps_[s])
         # Uniform up to the 1/400 grid: KS against U(0, 1) over 300 groups.
         assert stats.kstest(p, "uniform").pvalue > 1e-3, s
-    table = ppc_table(observed, reps_, tuple(str(i) for i in range(j)))
-    assert len(table) == 4 + 4 * j
+    table, overall = ppc_tables(observed, _one_block(reps_), tuple(str(i) for i in range(j)))
+    assert len(table) == 4 + 4 * j and len(overall) == reps
     assert table["extreme"].mean() < 0.1  # 5% expected
 
 

@@ -84,7 +84,7 @@ def test_gibbs_rao_blackwell_predictive_matches_the_group_mean_draws() -> None:
         design, model.prepared, model.structure, np.arange(len(df)) % 4, 0
     )
     structure = Structure("one_way", "score", "school")
-    pred = within_predictive(train, structure, "gibbs", GIBBS, derive_rng(3, "rb"))
+    predictive = within_predictive(train, structure, "gibbs", GIBBS, derive_rng(3, "rb"))
     sample, _ = run_gibbs(train, GIBBS, derive_rng(3, "rb"))  # the same draws
     theta = sample.theta.reshape(-1, train.n_groups)
     sigma = sample.sigma.reshape(-1, 1)
@@ -94,13 +94,14 @@ def test_gibbs_rao_blackwell_predictive_matches_the_group_mean_draws() -> None:
         yj = y[held_rows & (codes == j)]
         direct = stats.norm.logpdf(yj[None, :], theta[:, [j]], sigma).sum(axis=1)
         want = logsumexp(direct) - np.log(direct.size)
+        pred = predictive(j)
         rb = stats.multivariate_normal  # closed form per draw, then log-mean
         got = logsumexp(
             [
                 rb(np.full(yj.size, m), s2 * np.eye(yj.size) + a).logpdf(yj)
-                for m, a, s2 in zip(pred.mu[:, j], pred.a[:, j], pred.sigma2[:, j], strict=True)
+                for m, a, s2 in zip(pred.mu, pred.a, pred.sigma2, strict=True)
             ]
-        ) - np.log(pred.mu.shape[0])
+        ) - np.log(pred.mu.size)
         # Both average the same conditional density over the same 1000 draws, one
         # integrating theta_j exactly and one by its draws: they differ by Monte Carlo
         # error (observed |difference| <= 0.06 on the log scale here); a wrong

@@ -42,12 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hierpipe.diagnostics.ppc import (
-    empty_ppc,
-    observed_statistics,
-    overall_table,
-    ppc_table,
-)
+from hierpipe.diagnostics.ppc import empty_ppc, observed_statistics, ppc_tables
 from hierpipe.diagnostics.residuals import empty_residuals
 from hierpipe.io import read_json, read_table, write_json, write_parquet
 from hierpipe.seeds import derive_rng
@@ -163,13 +158,13 @@ def predictive_checks(
     observed = observed_statistics(design.y, term.codes, len(term.labels))
     rng = derive_rng(seed, *keys, "ppc")
     reps = engine.ppc_replicates(model.prepared, model.structure, summary, draws, rng)
-    table = ppc_table(observed, reps, term.labels)
+    table, overall_reps = ppc_tables(observed, reps, term.labels)
     groups = table[table["scope"] == "group"]
     extreme = groups[groups["extreme"]]
     overall = table[table["scope"] == "overall"].set_index("statistic")["p_value"]
     facts = {
         "note": reps.note,
-        "replicates": int(next(iter(reps.overall.values())).size),
+        "replicates": int(reps.count),
         "overall_p": {k: float(v) for k, v in overall.items()},
         "extreme": [
             {"group": r.group, "statistic": r.statistic, "p_value": float(r.p_value)}
@@ -177,7 +172,7 @@ def predictive_checks(
         ],
         "p_values": int(groups["p_value"].notna().sum()),
     }
-    return table, overall_table(reps), facts
+    return table, overall_reps, facts
 
 
 def residual_check(

@@ -31,9 +31,11 @@ implements all of them (:mod:`hierpipe.models.engines.one_way_checks`).
 ``james_stein_table(prepared, structure) -> (DataFrame, dict) | None``
     James–Stein / Efron–Morris estimates of the group means beside the fits'
     (:mod:`hierpipe.diagnostics.shrinkage`);
-``logo_log_lik(prepared, structure, draws) -> ndarray (S, J)``
+``logo_log_lik(prepared, structure, draws[, groups]) -> ndarray (S, J)``
     log density of each group's observations given each draw with the group's
     own effect integrated out, for PSIS leave-one-group-out (:mod:`hierpipe.cv.psis`);
+    an engine that accepts ``groups`` (indices) is asked a block of groups at a
+    time, so no (draws x groups) array of all groups is held;
 ``score_held_out_weighted(prepared, j, structure, draws, log_weights, rng) -> dict``
     group ``j``'s CV row from full-data draws reweighted by PSIS;
 ``kfold_split(design, prepared, structure, fold, k) -> (train, held)``

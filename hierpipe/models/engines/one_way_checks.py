@@ -9,6 +9,7 @@ interface is described in :mod:`hierpipe.models.engines`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,12 @@ import pandas as pd
 
 from hierpipe.cv.logo import Predictive, group_log_density, score_group
 from hierpipe.data.groups import GroupStats, group_stats
-from hierpipe.diagnostics.ppc import Replicates, normal_group_replicates, thin_indices
+from hierpipe.diagnostics.ppc import (
+    Replicates,
+    block_size,
+    normal_group_statistics,
+    thin_indices,
+)
 from hierpipe.diagnostics.residuals import residual_table
 from hierpipe.diagnostics.shrinkage import james_stein
 from hierpipe.models.structure import Structure
@@ -47,8 +53,12 @@ def ppc_replicates(
     """Test statistics of replicated data sets (:mod:`hierpipe.diagnostics.ppc`).
 
     Samplers: one replicate per posterior draw, thinned evenly to
-    ``replicates``. Each replicate's group means are drawn from their full
-    conditional given the draw's hyperparameters,
+    ``replicates``. The statistics come a block of groups at a time
+    (:func:`hierpipe.diagnostics.ppc.block_size`), so memory stays bounded
+    whatever the number of groups (the block size is a constant, so the
+    random numbers used depend on the inputs alone).
+    Each replicate's group means are drawn from their full conditional given
+    the draw's hyperparameters,
     :math:`\\theta_j \\mid \\beta_0, \\tau, \\sigma, y \\sim N(m_j, v_j)` with
     :math:`v_j = (n_j/\\sigma^2 + 1/\\tau^2)^{-1}`,
     :math:`m_j = v_j(n_j \\bar y_j/\\sigma^2 + \\beta_0/\\tau^2)`, so
@@ -58,29 +68,43 @@ def ppc_replicates(
     :math:`(\\hat\\theta_j, \\hat\\sigma)` (a parametric bootstrap; the
     estimates' own uncertainty is not propagated).
     """
+    j = stats.n_groups
     if draws is not None:
         idx = thin_indices(len(draws), replicates)
         h = _hyper_draws(draws.iloc[idx], structure)
-        s2, tau2 = h.sigma2[:, None], h.a[:, None]
-        v = 1.0 / (stats.n / s2 + 1.0 / tau2)
-        m = v * (stats.n * stats.ybar / s2 + h.mu[:, None] / tau2)
-        theta = m + np.sqrt(v) * rng.standard_normal(m.shape)
+        s2, tau2, mu = h.sigma2[:, None], h.a[:, None], h.mu[:, None]
         sigma = np.sqrt(h.sigma2)
         note = (
             f"one replicate per posterior draw, {idx.size} of {len(draws)} draws taken evenly; "
             "group means drawn from their full conditional given the draw's hyperparameters"
         )
+
+        def theta_of(sl: slice, rng: np.random.Generator) -> np.ndarray:
+            n, ybar = stats.n[sl], stats.ybar[sl]
+            v = 1.0 / (n / s2 + 1.0 / tau2)
+            m = v * (n * ybar / s2 + mu / tau2)
+            return m + np.sqrt(v) * rng.standard_normal(m.shape)
+
     else:
         est = summary.set_index("parameter")["mean"]
-        names = _coef_names(structure, stats.labels)
-        coef = est.reindex(names).to_numpy(dtype=np.float64)
-        theta = np.broadcast_to(coef, (replicates, len(names)))
+        coef = est.reindex(_coef_names(structure, stats.labels)).to_numpy(dtype=np.float64)
         sigma = np.full(replicates, float(est.get("sigma", np.nan)))
         note = (
             f"parametric simulation at the estimates: {replicates} data sets drawn from "
             "N(coef estimate, sigma estimate^2); the estimates' uncertainty is not propagated"
         )
-    return normal_group_replicates(theta, sigma, stats.n, rng, note)
+
+        def theta_of(sl: slice, rng: np.random.Generator) -> np.ndarray:
+            return np.broadcast_to(coef[sl], (sigma.size, coef[sl].size))
+
+    def blocks():
+        size = block_size(sigma.size)
+        for start in range(0, j, size):
+            sl = slice(start, min(start + size, j))
+            theta = theta_of(sl, rng)
+            yield sl.start, sl.stop, normal_group_statistics(theta, sigma, stats.n[sl], rng)
+
+    return Replicates(count=sigma.size, blocks=blocks(), note=note)
 
 
 def _draw_scale(spec: dict[str, Any], rng: np.random.Generator, size: int) -> np.ndarray:
@@ -191,18 +215,25 @@ def _hyper_draws(draws: pd.DataFrame, structure: Structure) -> Predictive:
     )
 
 
-def logo_log_lik(stats: GroupStats, structure: Structure, draws: pd.DataFrame) -> np.ndarray:
-    """:math:`\\log p(y_j \\mid \\beta_0, \\tau, \\sigma)` per draw and group, shape (S, J).
+def logo_log_lik(
+    stats: GroupStats,
+    structure: Structure,
+    draws: pd.DataFrame,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """:math:`\\log p(y_j \\mid \\beta_0, \\tau, \\sigma)` per draw and group, shape (S, G).
 
     The group's effect is integrated out (:func:`hierpipe.cv.logo.group_log_density`),
     so leaving group :math:`j` out reweights the draws of the hyperparameters by
-    :math:`1 / p(y_j \\mid \\phi)` exactly.
+    :math:`1 / p(y_j \\mid \\phi)` exactly. ``groups`` (indices; default all)
+    lets callers work a block of groups at a time.
     """
     h = _hyper_draws(draws, structure)
+    g = np.arange(stats.n_groups) if groups is None else np.asarray(groups)
     return group_log_density(
-        stats.n[None, :],
-        stats.ybar[None, :],
-        stats.ss[None, :],
+        stats.n[None, g],
+        stats.ybar[None, g],
+        stats.ss[None, g],
         h.mu[:, None],
         h.a[:, None],
         h.sigma2[:, None],
@@ -269,8 +300,8 @@ def within_predictive(
     method: str,
     settings: dict[str, Any],
     rng: np.random.Generator,
-) -> Predictive:
-    """Predictive of new observations of the training groups: arrays (J,) or (S, J).
+) -> Callable[[int], Predictive]:
+    """Predictive of new observations of training group ``j``, as a function of ``j``.
 
     A new observation of group :math:`j` is :math:`N(\\theta_j, \\sigma^2)` with
     :math:`\\theta_j \\sim N(m_j, a_j)`, so a block of them has the density of
@@ -279,25 +310,30 @@ def within_predictive(
     :math:`a_j` its squared SE, :math:`\\sigma` the fit's. Gibbs integrates
     :math:`\\theta_j` out given each draw (Rao–Blackwell):
     :math:`a_j = (n_j/\\sigma^2 + 1/\\tau^2)^{-1}`,
-    :math:`m_j = a_j(n_j \\bar y_j/\\sigma^2 + \\beta_0/\\tau^2)`.
+    :math:`m_j = a_j(n_j \\bar y_j/\\sigma^2 + \\beta_0/\\tau^2)`, one value a
+    draw, computed when asked for so memory holds no (draws x groups) array.
     """
     from hierpipe.models.engines.one_way import fit, run_gibbs
 
     if method == "gibbs":
         sample, _ = run_gibbs(train, settings, rng)
-        mu = sample.b_Intercept.reshape(-1, 1)
-        tau2 = sample.sd.reshape(-1, 1) ** 2
-        s2 = sample.sigma.reshape(-1, 1) ** 2
-        a = 1.0 / (train.n / s2 + 1.0 / tau2)
-        m = a * (train.n * train.ybar / s2 + mu / tau2)
-        return Predictive(m, a, np.broadcast_to(s2, m.shape))
+        mu = sample.b_Intercept.ravel()
+        tau2 = sample.sd.ravel() ** 2
+        s2 = sample.sigma.ravel() ** 2
+
+        def gibbs_group(j: int) -> Predictive:
+            a = 1.0 / (train.n[j] / s2 + 1.0 / tau2)
+            m = a * (train.n[j] * train.ybar[j] / s2 + mu / tau2)
+            return Predictive(m, a, s2)
+
+        return gibbs_group
     result = fit(train, structure, method, settings, rng)
     rows = result.summary.set_index("parameter")
     names = _coef_names(structure, train.labels)
     m = rows["mean"].reindex(names).to_numpy(dtype=np.float64)
     a = rows["sd"].reindex(names).to_numpy(dtype=np.float64) ** 2
-    sigma = float(rows["mean"].get("sigma", np.nan))
-    return Predictive(m, a, np.full(m.shape, sigma**2))
+    s2 = float(rows["mean"].get("sigma", np.nan)) ** 2
+    return lambda j: Predictive(np.array(m[j]), np.array(a[j]), np.array(s2))
 
 
 def score_kfold(
@@ -309,11 +345,10 @@ def score_kfold(
     rng: np.random.Generator,
 ) -> list[dict[str, Any]]:
     """Score each group's held-out observations of one fold (one row a group with some)."""
-    pred = within_predictive(train, structure, method, settings, rng)
+    predictive = within_predictive(train, structure, method, settings, rng)
     rows = []
     for j in np.flatnonzero(held.n > 0):
-        pj = Predictive(pred.mu[..., j], pred.a[..., j], pred.sigma2[..., j])
-        s = score_group(pj, held.n[j], held.ybar[j], held.ss[j], rng)
+        s = score_group(predictive(int(j)), held.n[j], held.ybar[j], held.ss[j], rng)
         rows.append(
             {
                 "group": held.labels[j],
