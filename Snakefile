@@ -8,6 +8,10 @@ min_version("8.0")
 configfile: "config/config.yaml"
 
 
+# Jobs import hierpipe from this checkout, also inside a conda env without it installed.
+shell.prefix(f"export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

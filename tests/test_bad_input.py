@@ -441,7 +441,7 @@ def labelled_run(tmp_path_factory):
             "labels": {
                 "data": {"file": "labels.csv", "columns": {"school": "Schule", "score": "Punkte"}},
                 "formula": FORMULA,
-                "fits": ["no_pooling", "eb_reml", "gibbs"],
+                "fits": ["eb_reml", "gibbs"],
                 "gibbs": {"chains": 2, "warmup": 100, "draws": 100},
                 "cv": {"fits": ["eb_reml"]},
             },

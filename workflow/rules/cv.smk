@@ -3,60 +3,15 @@
 # A fit whose folds each refit a sampler is split into cv.chunks jobs that run
 # in parallel and are gathered; every other fit is scored by one job that
 # writes its table directly (fewer jobs: start-up dominates cheap folds).
-import shlex
 
 for _s in STUDIES:
     for _f in S.cv_fits(config, _s):
         S.cv_method(config, _s, _f)  # fails at load time on psis for a point fit
 
 
-def _draws_path(w):
-    return f"{RESULTS}/{w.study}/fits/{w.fit}/draws.parquet"
-
-
-def _score_args(w, folds=None):
-    """The scoring options shared by the chunk jobs and the single-job command."""
-    args = [
-        "--formula", S.study(config, w.study)["formula"],
-        "--fit", w.fit,
-        "--seed", str(S.fit_seed(config, w.study, w.fit)),
-        "--key", w.study,
-        "--settings", S.fit_settings_json(config, w.study, w.fit),
-    ]
-    if folds is not None:
-        # The folds are dealt from the study's seed, so every fit is scored on the same.
-        args += ["--folds", str(folds), "--fold-seed", str(S.study_seed(config, w.study))]
-    elif S.cv_method(config, w.study, w.fit) == "psis":
-        args += ["--method", "psis", "--draws", _draws_path(w)]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def _logo_scoring_inputs(w):
-    files = {"data": data_path(w)}
-    if S.cv_method(config, w.study, w.fit) == "psis":
-        files["draws"] = _draws_path(w)
-    return files
-
-
-def _chunk_paths(kind, w, k):
-    return [f"{RESULTS}/{w.study}/cv/{kind}/{w.fit}/{i}.parquet" for i in range(k)]
-
-
-# --------------------------------------------------------------- leave-one-group-out
-
-
-def logo_inputs(w):
-    k = S.cv_fit_chunks(config, w.study, w.fit)
-    return {"chunks": _chunk_paths("chunks", w, k)} if k > 1 else _logo_scoring_inputs(w)
-
-
-def logo_command(wildcards, input):
-    if S.cv_fit_chunks(config, wildcards.study, wildcards.fit) > 1:
-        return "hierpipe cv-gather " + " ".join(shlex.quote(p) for p in input.chunks)
-    return f"hierpipe cv {shlex.quote(input.data)} {_score_args(wildcards)} --chunk 0 --chunks 1"
-
-
 rule cv_chunk:
+    conda:
+        CONDA_ENV
     input:
         unpack(_logo_scoring_inputs),
     output:
@@ -72,11 +27,13 @@ rule cv_chunk:
         mem_mb=2000,
         runtime=60,
     shell:
-        "hierpipe cv {input.data} {params.args} --chunk {wildcards.chunk} --chunks {params.chunks}"
+        "python -m hierpipe.cli cv {input.data} {params.args} --chunk {wildcards.chunk} --chunks {params.chunks}"
         " --out {output} > {log} 2>&1"
 
 
 rule cv_fit:
+    conda:
+        CONDA_ENV
     input:
         unpack(logo_inputs),
     output:
@@ -97,20 +54,9 @@ rule cv_fit:
 # --------------------------------------------------------------- within-group K-fold
 
 
-def kfold_inputs(w):
-    k = S.kfold_chunks(config, w.study, w.fit)
-    return {"chunks": _chunk_paths("kfold_chunks", w, k)} if k > 1 else {"data": data_path(w)}
-
-
-def kfold_command(wildcards, input):
-    w = wildcards
-    if S.kfold_chunks(config, w.study, w.fit) > 1:
-        return "hierpipe cv-gather " + " ".join(shlex.quote(p) for p in input.chunks)
-    args = _score_args(w, folds=S.kfold_folds(config, w.study))
-    return f"hierpipe cv-kfold {shlex.quote(input.data)} {args} --chunk 0 --chunks 1"
-
-
 rule kfold_chunk:
+    conda:
+        CONDA_ENV
     input:
         data=data_path,
     output:
@@ -126,11 +72,13 @@ rule kfold_chunk:
         mem_mb=2000,
         runtime=60,
     shell:
-        "hierpipe cv-kfold {input.data} {params.args} --chunk {wildcards.chunk}"
+        "python -m hierpipe.cli cv-kfold {input.data} {params.args} --chunk {wildcards.chunk}"
         " --chunks {params.chunks} --out {output} > {log} 2>&1"
 
 
 rule kfold_fit:
+    conda:
+        CONDA_ENV
     input:
         unpack(kfold_inputs),
     output:
@@ -152,6 +100,8 @@ rule kfold_fit:
 
 
 rule cv_compare:
+    conda:
+        CONDA_ENV
     input:
         logo=lambda w: [f"{RESULTS}/{w.study}/cv/{f}.parquet" for f in S.cv_fits(config, w.study)],
         kfold=lambda w: [
@@ -166,4 +116,4 @@ rule cv_compare:
         mem_mb=1000,
         runtime=5,
     shell:
-        "hierpipe cv-compare {input.logo} --kfold {input.kfold} --out {output} > {log} 2>&1"
+        "python -m hierpipe.cli cv-compare {input.logo} --kfold {input.kfold} --out {output} > {log} 2>&1"

@@ -1,6 +1,8 @@
 import shlex
 
 rule simulate:
+    conda:
+        CONDA_ENV
     output:
         data=f"{RESULTS}/{{study}}/data.parquet",
         truth=f"{RESULTS}/{{study}}/truth.parquet",
@@ -18,11 +20,13 @@ rule simulate:
         mem_mb=1000,
         runtime=10,
     shell:
-        "hierpipe simulate --design {params.design} --out {output.data} --truth {output.truth}"
+        "python -m hierpipe.cli simulate --design {params.design} --out {output.data} --truth {output.truth}"
         " --seed {params.seed} --key {wildcards.study} {params.sets} > {log} 2>&1"
 
 
 rule ingest:
+    conda:
+        CONDA_ENV
     input:
         lambda w: S.study(config, w.study)["data"]["file"],
     output:
@@ -45,11 +49,13 @@ rule ingest:
         mem_mb=2000,
         runtime=10,
     shell:
-        "hierpipe ingest {input:q} --formula {params.formula:q} {params.columns}"
+        "python -m hierpipe.cli ingest {input:q} --formula {params.formula:q} {params.columns}"
         " --effect-size {params.effect_size:q} --out {output} > {log} 2>&1"
 
 
 rule share_data:
+    conda:
+        CONDA_ENV
     input:
         lambda w: f"{RESULTS}/{S.study(config, w.study)['data']['study']}/data.parquet",
     output:
@@ -63,10 +69,12 @@ rule share_data:
         mem_mb=500,
         runtime=5,
     shell:
-        "hierpipe copy {input} {output} > {log} 2>&1"
+        "python -m hierpipe.cli copy {input} {output} > {log} 2>&1"
 
 
 rule share_truth:
+    conda:
+        CONDA_ENV
     input:
         lambda w: f"{RESULTS}/{S.study(config, w.study)['data']['study']}/truth.parquet",
     output:
@@ -80,4 +88,4 @@ rule share_truth:
         mem_mb=500,
         runtime=5,
     shell:
-        "hierpipe copy {input} {output} > {log} 2>&1"
+        "python -m hierpipe.cli copy {input} {output} > {log} 2>&1"

@@ -3,33 +3,15 @@
 # prior predictive check, from their draws.
 DIAG = f"{RESULTS}/{{study}}/diagnostics/{{fit}}"
 DIAGNOSE_SHELL = (
-    "hierpipe diagnose {input.data} --formula {params.formula:q} --fit-dir {params.fitdir}"
+    "python -m hierpipe.cli diagnose {input.data} --formula {params.formula:q} --fit-dir {params.fitdir}"
     " --out {params.outdir} --seed {params.seed} --key {wildcards.study} --key {wildcards.fit}"
     " > {log} 2>&1"
 )
 
 
-def diagnose_params():
-    return dict(
-        formula=lambda w: S.study(config, w.study)["formula"],
-        outdir=lambda w: f"{RESULTS}/{w.study}/diagnostics/{w.fit}",
-        fitdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
-        seed=lambda w: S.fit_seed(config, w.study, w.fit),
-        code=CODE,
-    )
-
-
-def diagnose_outputs():
-    return dict(
-        shrinkage=f"{DIAG}/shrinkage.parquet",
-        checks=f"{DIAG}/checks.json",
-        ppc=f"{DIAG}/ppc.parquet",
-        ppc_overall=f"{DIAG}/ppc_overall.parquet",
-        residuals=f"{DIAG}/residuals.parquet",
-    )
-
-
 rule diagnose:
+    conda:
+        CONDA_ENV
     input:
         data=data_path,
         summary=f"{RESULTS}/{{study}}/fits/{{fit}}/summary.parquet",
@@ -51,6 +33,8 @@ rule diagnose:
 
 
 rule diagnose_sampler:
+    conda:
+        CONDA_ENV
     input:
         data=data_path,
         summary=f"{RESULTS}/{{study}}/fits/{{fit}}/summary.parquet",

@@ -1,21 +1,13 @@
 FIT_SHELL = (
-    "hierpipe fit {input.data} --formula {params.formula:q} --fit {wildcards.fit}"
+    "python -m hierpipe.cli fit {input.data} --formula {params.formula:q} --fit {wildcards.fit}"
     " --out {params.outdir} --seed {params.seed} --key {wildcards.study} --key {wildcards.fit}"
     " --settings {params.settings:q} > {log} 2>&1"
 )
 
 
-def fit_params():
-    return dict(
-        formula=lambda w: S.study(config, w.study)["formula"],
-        settings=lambda w: S.fit_settings_json(config, w.study, w.fit),
-        seed=lambda w: S.fit_seed(config, w.study, w.fit),
-        outdir=lambda w: f"{RESULTS}/{w.study}/fits/{w.fit}",
-        code=CODE,
-    )
-
-
 rule fit_point:
+    conda:
+        CONDA_ENV
     input:
         data=data_path,
     output:
@@ -36,6 +28,8 @@ rule fit_point:
 
 
 rule fit_sampler:
+    conda:
+        CONDA_ENV
     input:
         data=data_path,
     output:

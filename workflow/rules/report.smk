@@ -1,32 +1,6 @@
-import json
-
-
-def report_inputs(wildcards):
-    s = wildcards.study
-    fits = S.fits(config, s)
-    files = {"data": f"{RESULTS}/{s}/data.parquet"}
-    for f in fits:
-        files[f"summary_{f}"] = f"{RESULTS}/{s}/fits/{f}/summary.parquet"
-        files[f"info_{f}"] = f"{RESULTS}/{s}/fits/{f}/fit.json"
-        files[f"checks_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/checks.json"
-        for name in ("ppc", "ppc_overall", "residuals", "shrinkage"):
-            files[f"{name}_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/{name}.parquet"
-    for f in S.sampler_fits(config, s):
-        files[f"convergence_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/convergence.parquet"
-        files[f"prior_{f}"] = f"{RESULTS}/{s}/diagnostics/{f}/prior_predictive.parquet"
-    if S.cv_fits(config, s) or S.kfold_fits(config, s):
-        files["cv"] = f"{RESULTS}/{s}/cv/comparison.parquet"
-    if S.is_simulated(config, s):
-        files["truth"] = f"{RESULTS}/{s}/truth.parquet"
-    other = S.compare_with(config, s)
-    if other:
-        for f in S.fits(config, other):
-            files[f"companion_summary_{f}"] = f"{RESULTS}/{other}/fits/{f}/summary.parquet"
-            files[f"companion_info_{f}"] = f"{RESULTS}/{other}/fits/{f}/fit.json"
-    return files
-
-
 rule report:
+    conda:
+        CONDA_ENV
     input:
         unpack(report_inputs),
     output:
@@ -34,6 +8,7 @@ rule report:
     params:
         study_config=lambda w: json.dumps(S.study(config, w.study), sort_keys=True),
         seed=lambda w: S.study_seed(config, w.study),
+        study_dir=lambda w: f"{RESULTS}/{w.study}",
         code=CODE_REPORT,
     log:
         log_path("report.log"),
@@ -42,11 +17,13 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "hierpipe report {RESULTS}/{wildcards.study} --study {wildcards.study}"
+        "python -m hierpipe.cli report {params.study_dir} --study {wildcards.study}"
         " --config-json {params.study_config:q} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
 rule index:
+    conda:
+        CONDA_ENV
     input:
         expand(f"{RESULTS}/{{study}}/report.html", study=STUDIES),
     output:
@@ -58,4 +35,4 @@ rule index:
         mem_mb=500,
         runtime=5,
     shell:
-        "hierpipe index {input} --out {output} > {log} 2>&1"
+        "python -m hierpipe.cli index {input} --out {output} > {log} 2>&1"

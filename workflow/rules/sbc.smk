@@ -12,6 +12,8 @@ SBC_DIR = f"{RESULTS}/sbc"
 
 
 rule sbc_chunk:
+    conda:
+        CONDA_ENV
     output:
         f"{SBC_DIR}/{{case}}/{{sbc_chunk}}.parquet",
     params:
@@ -32,13 +34,15 @@ rule sbc_chunk:
         mem_mb=2000,
         runtime=60,
     shell:
-        "hierpipe sbc --case {wildcards.case} --replications {params.replications}"
+        "python -m hierpipe.cli sbc --case {wildcards.case} --replications {params.replications}"
         " --chunk {wildcards.sbc_chunk} --chunks {params.chunks} --draws {params.draws}"
         " --thin {params.thin} --warmup {params.warmup} --seed {params.seed} --out {output}"
         " > {log} 2>&1"
 
 
 rule sbc_report:
+    conda:
+        CONDA_ENV
     input:
         expand(
             f"{SBC_DIR}/{{case}}/{{sbc_chunk}}.parquet",
@@ -57,10 +61,12 @@ rule sbc_report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "hierpipe sbc-report {input} --bins {params.bins} --out {output} > {log} 2>&1"
+        "python -m hierpipe.cli sbc-report {input} --bins {params.bins} --out {output} > {log} 2>&1"
 
 
 rule sbc:
+    conda:
+        CONDA_ENV
     input:
         f"{SBC_DIR}/report.html",
     localrule: True
