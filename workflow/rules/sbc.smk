@@ -9,6 +9,12 @@ from hierpipe.sbc.core import SBC_DEFAULTS, cases as sbc_cases
 SBC = {**SBC_DEFAULTS, **config.get("sbc", {})}
 SBC_CASES = list(SBC["cases"] or sbc_cases())
 SBC_DIR = f"{RESULTS}/sbc"
+# Fail when the workflow loads, not after the calibration jobs have run.
+_unknown = sorted(set(SBC_CASES) - set(sbc_cases()))
+if _unknown:
+    raise ValueError(f"sbc.cases: unknown case '{_unknown[0]}' (known: {', '.join(sbc_cases())})")
+if (SBC["draws"] + 1) % SBC["bins"]:
+    raise ValueError(f"sbc.bins ({SBC['bins']}) must divide sbc.draws + 1 ({SBC['draws'] + 1})")
 
 
 rule sbc_chunk:
