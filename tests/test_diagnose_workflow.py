@@ -9,15 +9,13 @@ several data sets: on one small data set it can reverse by chance.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from workflow_helpers import snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 GIBBS = {"chains": 2, "warmup": 300, "draws": 500}
 CONFIG = {
     "seed": 3,
@@ -41,15 +39,6 @@ CONFIG = {
     },
 }  # fmt: skip
 FITS = CONFIG["studies"]["schools_like"]["fits"]
-
-
-def snakemake(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "--directory", str(work), *args]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

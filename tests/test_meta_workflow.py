@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from workflow_helpers import REPO, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 RR = {"measure": "log_risk_ratio", "ai": "tpos", "bi": "tneg", "ci": "cpos", "di": "cneg"}
 MINE = """Trial,Year,log OR,Var
 Smith 2001,2001,-0.31,0.042
@@ -54,15 +54,6 @@ CONFIG = {
         },
     },
 }
-
-
-def snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "--directory", str(work), *args]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

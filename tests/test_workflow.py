@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+from workflow_helpers import snakemake, workdir
 
 TINY = {
     "seed": 7,
@@ -33,20 +29,6 @@ TINY = {
         }
     },
 }
-
-
-def workdir(tmp: Path, config: dict) -> Path:
-    (tmp / "config").mkdir(parents=True, exist_ok=True)
-    (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    return tmp
-
-
-def snakemake(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(work), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
