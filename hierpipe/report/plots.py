@@ -53,30 +53,3 @@ def estimates_plot(per_group: pd.DataFrame, fits: list[str], truth: pd.Series | 
     ax.set_xlabel("group estimate")
     ax.legend(fontsize=7, loc="best")
     return to_base64(fig)
-
-
-def cv_plot(tables: dict[str, pd.DataFrame]) -> str:
-    """Per-group elpd difference of each fit against the best fit."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    elpd = pd.DataFrame({f: t.set_index("group")["elpd"] for f, t in tables.items()})
-    best = elpd.sum().idxmax()
-    for fit in elpd.columns:
-        if fit == best:
-            continue
-        ax.plot(np.arange(len(elpd)), elpd[fit] - elpd[best], marker="o", ms=3, lw=0.8, label=fit)
-    ax.axhline(0, color="0.5", lw=1)
-    ax.set_xlabel("held-out group")
-    ax.set_ylabel(f"elpd difference to {best}")
-    ax.legend(fontsize=7)
-    return to_base64(fig)
-
-
-def trace_plot(draws: pd.DataFrame, params: list[str]) -> str:
-    """Trace of each chain for the hyperparameters."""
-    fig, axes = plt.subplots(len(params), 1, figsize=(7, 1.5 * len(params)), squeeze=False)
-    for ax, p in zip(axes[:, 0], params, strict=True):
-        for c, d in draws.groupby("chain"):
-            ax.plot(d["draw"], d[p], lw=0.4, alpha=0.8, label=f"chain {c}")
-        ax.set_ylabel(p, fontsize=7)
-    axes[-1, 0].set_xlabel("draw")
-    return to_base64(fig)

@@ -139,10 +139,6 @@ def _check_settings(method: str, settings: dict[str, Any]) -> None:
         )
 
 
-def _intercept_name(st: CellStats) -> str | None:
-    return None if st.intercept is None else st.fixed_names[st.intercept]
-
-
 def _complete_pooling_fit(st: CellStats) -> tuple[np.ndarray, np.ndarray, float, int]:
     """OLS: beta (shift added back), its covariance, s^2 = RSS/(n-p), df."""
     ev = make_evaluator(st)
