@@ -77,10 +77,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from hierpipe.errors import ConfigError
+from hierpipe.errors import ConfigError, InputError
+from hierpipe.models.gibbs_twolevel import Normal
 from hierpipe.models.meta import _check_inputs
 
-__all__ = ["SCHEMES", "MetaGibbsDraws", "TauPrior", "gibbs_meta", "tau_prior_from_config"]
+__all__ = [
+    "SCHEMES",
+    "MetaGibbsDraws",
+    "TauPrior",
+    "gibbs_meta",
+    "gibbs_meta_batch",
+    "tau_prior_from_config",
+]
 
 FloatArray = NDArray[np.float64]
 
@@ -162,6 +170,8 @@ class MetaGibbsDraws:
     theta : array (chains, draws, k)
     acceptance : dict
         Mean acceptance rate of the centred and non-centred :math:`\\tau` moves.
+    thin : every ``thin``-th iteration after warm-up was kept.
+    mu_prior : the normal prior on :math:`\\mu`, or None for flat.
     """
 
     mu: FloatArray
@@ -171,6 +181,8 @@ class MetaGibbsDraws:
     scheme: str
     warmup: int
     acceptance: dict[str, float]
+    thin: int = 1
+    mu_prior: Normal | None = None
 
     @property
     def r(self) -> FloatArray:
@@ -179,15 +191,19 @@ class MetaGibbsDraws:
 
     def info(self) -> dict[str, Any]:
         chains, draws = self.mu.shape
+        settings: dict[str, Any] = {
+            "chains": chains,
+            "warmup": self.warmup,
+            "draws": draws,
+            "scheme": self.scheme,
+        }
+        if self.thin != 1:
+            settings["thin"] = self.thin
+        mu_prior = {"family": "flat"} if self.mu_prior is None else self.mu_prior.to_dict()
         return {
             "sampler": "meta Gibbs (ASIS interweaving)" if self.scheme == "asis" else self.scheme,
-            "settings": {
-                "chains": chains,
-                "warmup": self.warmup,
-                "draws": draws,
-                "scheme": self.scheme,
-            },
-            "priors": {"b_Intercept": {"family": "flat"}, "sd": self.prior.to_dict()},
+            "settings": settings,
+            "priors": {"b_Intercept": mu_prior, "sd": self.prior.to_dict()},
             "acceptance": dict(self.acceptance),
         }
 
@@ -195,8 +211,16 @@ class MetaGibbsDraws:
 def _initial(
     y: FloatArray, v: FloatArray, chains: int, rng: np.random.Generator
 ) -> tuple[FloatArray, FloatArray]:
-    """Over-dispersed starts: mu about the weighted mean, tau spread over the data scale."""
+    """Over-dispersed starts: mu about the weighted mean, tau spread over the data scale.
+
+    ``y`` is ``(k,)`` or one data set a chain, ``(chains, k)``.
+    """
     w = 1.0 / v
+    if y.ndim == 2:
+        spread = np.sqrt(np.var(y, axis=1) + np.median(v))
+        mu = np.einsum("ck,k->c", y, w) / np.sum(w) + spread * rng.standard_normal(chains)
+        tau = spread * np.exp(rng.standard_normal(chains) - 1.0)
+        return mu, tau
     spread = float(np.sqrt(np.var(y) + np.median(v)))
     mu = float(np.sum(w * y) / np.sum(w)) + spread * rng.standard_normal(chains)
     tau = spread * np.exp(rng.standard_normal(chains) - 1.0)
@@ -218,15 +242,26 @@ def _centred(
     tau: FloatArray,
     prior: TauPrior,
     gen: np.random.Generator,
+    mu_prior: Normal | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Step 2: tau | theta, mu by independence MH, then mu | theta, tau."""
+    """Step 2: tau | theta, mu by independence MH, then mu | theta, tau.
+
+    With a normal prior :math:`N(m_0, s_0^2)` on mu, mu | theta, tau is normal
+    with precision :math:`k/\\tau^2 + 1/s_0^2` (conjugate update).
+    """
     chains, k = theta.shape
     s = np.einsum("ck,ck->c", theta - mu[:, None], theta - mu[:, None])
     prop = np.sqrt(0.5 * s / gen.standard_gamma(0.5 * (k - 1), size=chains))
     log_u = np.log(gen.random(chains))
     accept = log_u < prior.log_density(prop) - prior.log_density(tau)
     tau = np.where(accept, prop, tau)
-    mu = theta.mean(axis=1) + tau / np.sqrt(k) * gen.standard_normal(chains)
+    if mu_prior is None:
+        mu = theta.mean(axis=1) + tau / np.sqrt(k) * gen.standard_normal(chains)
+    else:
+        p0 = 1.0 / mu_prior.sd**2
+        prec = k / tau**2 + p0
+        mean = (theta.sum(axis=1) / tau**2 + mu_prior.mean * p0) / prec
+        mu = mean + gen.standard_normal(chains) / np.sqrt(prec)
     return mu, tau, accept.astype(np.float64)
 
 
@@ -238,8 +273,14 @@ def _noncentred(
     tau: FloatArray,
     prior: TauPrior,
     gen: np.random.Generator,
+    mu_prior: Normal | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Step 3: (tau, mu) | eta, y with eta = (theta - mu)/tau held fixed; then fold."""
+    """Step 3: (tau, mu) | eta, y with eta = (theta - mu)/tau held fixed; then fold.
+
+    A normal prior :math:`N(m_0, s_0^2)` on mu enters the regression as one
+    more observation :math:`m_0` of :math:`\\mu` (regressors :math:`[1, 0]`,
+    weight :math:`1/s_0^2`), which is exactly its conjugate contribution.
+    """
     chains = theta.shape[0]
     eta = (theta - mu[:, None]) / tau[:, None]
     # normal equations of y on [1, eta] with weights w = 1/v
@@ -247,8 +288,15 @@ def _noncentred(
     # einsum, not BLAS: sums then do not depend on the BLAS thread count
     s1 = np.einsum("ck,k->c", eta, w)
     s2 = np.einsum("ck,ck,k->c", eta, eta, w)
-    b0 = float(np.dot(w, y))
-    b1 = np.einsum("ck,k->c", eta, w * y)
+    if y.ndim == 2:
+        b0 = np.einsum("ck,k->c", y, w)
+        b1 = np.einsum("ck,ck,k->c", eta, y, w)
+    else:
+        b0 = float(np.dot(w, y))
+        b1 = np.einsum("ck,k->c", eta, w * y)
+    if mu_prior is not None:
+        s0 += 1.0 / mu_prior.sd**2
+        b0 = b0 + mu_prior.mean / mu_prior.sd**2
     det = s0 * s2 - s1 * s1
     m_tau = (s0 * b1 - s1 * b0) / det
     v_tau = s0 / det
@@ -300,13 +348,96 @@ def gibbs_meta(
         Bad settings or scheme.
     """
     y_, v_, _ = _check_inputs(y, v, None)
+    return _run(y_, v_, prior, None, chains, warmup, draws, 1, rng, scheme)
+
+
+def gibbs_meta_batch(
+    y: ArrayLike,
+    v: ArrayLike,
+    *,
+    prior: TauPrior,
+    mu_prior: Normal | None = None,
+    chains: int,
+    warmup: int = 1000,
+    draws: int = 1000,
+    thin: int = 1,
+    rng: np.random.Generator,
+    scheme: str = "asis",
+) -> MetaGibbsDraws:
+    r"""Sample many meta-analyses with one set of known variances at once, one a chain.
+
+    The model and scheme are those of :func:`gibbs_meta` (module docstring),
+    with two additions that simulation-based calibration
+    (:mod:`hierpipe.sbc.meta`) needs: ``y`` may hold one data set a chain, and
+    :math:`\mu` may have a proper normal prior :math:`N(m_0, s_0^2)` (flat when
+    ``mu_prior`` is None). With it, step 2 draws :math:`\mu \mid \theta, \tau`
+    from its conjugate normal and step 3 adds :math:`m_0` as one more weighted
+    observation of :math:`\mu`; both stay exact.
+
+    Parameters
+    ----------
+    y : array ``(k,)`` or ``(chains, k)``
+        Effect sizes; with two axes chain :math:`c` samples the posterior of row :math:`c`.
+    v : array ``(k,)``
+        Known sampling variances (:math:`\mathrm{se}^2 > 0`), shared by every data set.
+    prior : TauPrior
+        Prior on :math:`\tau`.
+    mu_prior : Normal or None
+        Prior on :math:`\mu`; None for flat.
+    chains, warmup, draws, thin : int
+        Chains; iterations discarded; draws kept per chain, every ``thin``-th
+        iteration after warm-up.
+    rng : numpy.random.Generator
+    scheme : {"asis", "centred", "noncentred"}
+
+    Returns
+    -------
+    MetaGibbsDraws
+
+    Raises
+    ------
+    InputError
+        Shapes disagree, or values are not finite, or a variance is not positive.
+    ConfigError
+        Bad settings, scheme or prior.
+    """
+    y_arr = np.asarray(y, dtype=np.float64)
+    if y_arr.ndim == 2 and y_arr.shape[0] != chains:
+        raise InputError(f"y has {y_arr.shape[0]} data sets for {chains} chains")
+    if y_arr.ndim not in (1, 2):
+        raise InputError(f"y must be (k,) or (chains, k), got shape {y_arr.shape}")
+    first = y_arr if y_arr.ndim == 1 else y_arr[0]
+    _, v_, _ = _check_inputs(first, v, None)
+    bad = np.argwhere(~np.isfinite(y_arr))
+    if bad.size:
+        raise InputError(f"y: effect size at index {tuple(bad[0])} is not finite")
+    if mu_prior is not None and not (np.isfinite(mu_prior.mean) and mu_prior.sd > 0):
+        raise ConfigError(f"prior on b_Intercept: needs a finite mean and sd > 0, got {mu_prior}")
+    if thin < 1:
+        raise ConfigError(f"gibbs needs thin >= 1, got {thin}")
+    return _run(y_arr, v_, prior, mu_prior, chains, warmup, draws, thin, rng, scheme)
+
+
+def _run(
+    y_: FloatArray,
+    v_: FloatArray,
+    prior: TauPrior,
+    mu_prior: Normal | None,
+    chains: int,
+    warmup: int,
+    draws: int,
+    thin: int,
+    rng: np.random.Generator,
+    scheme: str,
+) -> MetaGibbsDraws:
+    """The sampler loop on validated inputs; ``y_`` is (k,) or (chains, k)."""
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown Gibbs scheme '{scheme}' (choose {', '.join(SCHEMES)})")
     if chains < 1 or warmup < 0 or draws < 1:
         raise ConfigError("gibbs needs chains >= 1, warmup >= 0 and draws >= 1")
-    if prior.family == "uniform" and prior.scale is None and y_.size < 3:
+    k = y_.shape[-1]
+    if prior.family == "uniform" and prior.scale is None and k < 3:
         raise ConfigError("a uniform prior on tau without upper bound needs k >= 3 studies")
-    k = y_.size
     w = 1.0 / v_
     mu, tau = _initial(y_, v_, chains, rng)
     if prior.family == "uniform" and prior.scale is not None:
@@ -316,24 +447,27 @@ def gibbs_meta(
     out_theta = np.empty((chains, draws, k))
     acc_c = np.zeros(chains)
     acc_n = np.zeros(chains)
-    for it in range(warmup + draws):
+    for it in range(warmup + draws * thin):
         theta = _draw_theta(y_, v_, mu, tau, rng.standard_normal((chains, k)))
         if scheme != "noncentred":
-            mu, tau, a = _centred(theta, mu, tau, prior, rng)
+            mu, tau, a = _centred(theta, mu, tau, prior, rng, mu_prior)
             if it >= warmup:
                 acc_c += a
         if scheme != "centred":
-            mu, tau, theta, a = _noncentred(y_, w, theta, mu, tau, prior, rng)
+            mu, tau, theta, a = _noncentred(y_, w, theta, mu, tau, prior, rng, mu_prior)
             if it >= warmup:
                 acc_n += a
-        if it >= warmup:
-            d = it - warmup
+        d, rem = divmod(it - warmup, thin)
+        if it >= warmup and rem == thin - 1:
             out_mu[:, d] = mu
             out_tau[:, d] = tau
             out_theta[:, d] = theta
     acceptance = {}
+    kept = draws * thin
     if scheme != "noncentred":
-        acceptance["centred_tau"] = float(acc_c.mean() / draws)
+        acceptance["centred_tau"] = float(acc_c.mean() / kept)
     if scheme != "centred":
-        acceptance["noncentred_tau"] = float(acc_n.mean() / draws)
-    return MetaGibbsDraws(out_mu, out_tau, out_theta, prior, scheme, warmup, acceptance)
+        acceptance["noncentred_tau"] = float(acc_n.mean() / kept)
+    return MetaGibbsDraws(
+        out_mu, out_tau, out_theta, prior, scheme, warmup, acceptance, thin, mu_prior
+    )

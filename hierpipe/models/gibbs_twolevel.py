@@ -165,6 +165,7 @@ __all__ = [
     "Priors",
     "TwoLevelDraws",
     "gibbs_two_level",
+    "gibbs_two_level_batch",
     "numba_available",
 ]
 
@@ -1934,6 +1935,69 @@ def _gibbs_core(
         priors=priors,
         stats=stats,
     )
+
+
+def gibbs_two_level_batch(
+    n: Any,
+    ybar: Any,
+    ssw: Any,
+    priors: Priors,
+    settings: GibbsSettings,
+    rng: np.random.Generator,
+) -> TwoLevelDraws:
+    r"""Sample many two-level data sets at once, one a chain, from sufficient statistics.
+
+    The model and schemes are those of :func:`gibbs_two_level`; here the
+    statistics carry a leading data axis of length 1 (every chain samples the
+    same posterior, as :func:`gibbs_two_level`) or ``settings.chains`` (chain
+    :math:`c` samples the posterior of data set :math:`c`). Independent
+    replications, e.g. of simulation-based calibration
+    (:mod:`hierpipe.sbc.two_level`), then advance together in one vectorised run.
+
+    Parameters
+    ----------
+    n : array ``(B, J)``
+        Group sizes :math:`n_{cj}` (positive integers), :math:`J \ge 2`.
+    ybar : array ``(B, J)``
+        Group means :math:`\bar y_{cj}`.
+    ssw : array ``(B,)``
+        Pooled within-group sums of squares, each :math:`\ge 0`.
+    priors, settings : :class:`Priors` and :class:`GibbsSettings`.
+    rng : generator; the draws are a pure function of its state and the inputs.
+
+    Returns
+    -------
+    TwoLevelDraws
+        Chain :math:`c`'s draws belong to data set :math:`c` (when ``B > 1``).
+
+    Raises
+    ------
+    InputError
+        Shapes disagree, ``B`` is neither 1 nor ``settings.chains``, or values
+        are not finite, sizes not positive integers, or an SSW negative.
+    ConfigError
+        Bad priors or settings.
+    """
+    n_f = np.atleast_2d(np.asarray(n, dtype=np.float64))
+    y_f = np.atleast_2d(np.asarray(ybar, dtype=np.float64))
+    ssw_f = np.asarray(ssw, dtype=np.float64).reshape(-1)
+    if n_f.ndim != 2 or n_f.shape != y_f.shape or ssw_f.shape != n_f.shape[:1]:
+        raise InputError(
+            f"gibbs_two_level_batch: n {n_f.shape}, ybar {y_f.shape} and ssw {ssw_f.shape} "
+            "must be (B, J), (B, J) and (B,)"
+        )
+    if n_f.shape[0] not in (1, settings.chains) or n_f.shape[1] < 2:
+        raise InputError(
+            f"gibbs_two_level_batch: need B = 1 or {settings.chains} data sets of J >= 2 "
+            f"groups, got {n_f.shape}"
+        )
+    bad_n = ~np.isfinite(n_f) | (n_f < 1) | (n_f != np.round(n_f))
+    if bad_n.any() or not np.isfinite(y_f).all() or not (np.isfinite(ssw_f) & (ssw_f >= 0)).all():
+        raise InputError(
+            "gibbs_two_level_batch: sizes must be positive integers, means finite and "
+            "ssw finite and >= 0"
+        )
+    return _gibbs_core(n_f, y_f, ssw_f, priors, settings, rng)
 
 
 def gibbs_two_level(

@@ -23,6 +23,15 @@ Layout
 :mod:`hierpipe.sbc.two_level`
     Cases of the two-level Gibbs sampler
     (:mod:`hierpipe.models.gibbs_twolevel`).
+:mod:`hierpipe.sbc.slopes`
+    Cases of the correlated varying-coefficients sampler
+    (:mod:`hierpipe.models.gibbs_lmm`).
+:mod:`hierpipe.sbc.multilevel`
+    Cases of the nested and crossed samplers
+    (:mod:`hierpipe.models.gibbs_multilevel`).
+:mod:`hierpipe.sbc.meta`
+    Cases of the known-SE meta-analysis sampler
+    (:mod:`hierpipe.models.gibbs_meta`).
 :mod:`hierpipe.sbc.report`
     The ``results/sbc/report.html`` page of ``snakemake sbc``.
 
@@ -50,4 +59,9 @@ sample comparison. *Statistics and Computing* 32, 32.
 from __future__ import annotations
 
 # Modules that register SBC cases when imported; one a structure.
-CASE_MODULES: tuple[str, ...] = ("hierpipe.sbc.two_level",)
+CASE_MODULES: tuple[str, ...] = (
+    "hierpipe.sbc.two_level",
+    "hierpipe.sbc.slopes",
+    "hierpipe.sbc.multilevel",
+    "hierpipe.sbc.meta",
+)

@@ -46,7 +46,7 @@ from hierpipe.models.gibbs_twolevel import (
     Normal,
     Priors,
     ScalePrior,
-    _gibbs_core,
+    gibbs_two_level_batch,
 )
 from hierpipe.sbc.core import Replicates, SBCCase, SBCSettings, register
 
@@ -93,7 +93,7 @@ def _replicator(
         theta = mu[:, None] + tau[:, None] * g_data.standard_normal((reps, J))
         ybar = theta + sigma[:, None] / np.sqrt(SIZES) * g_data.standard_normal((reps, J))
         ssw = sigma**2 * g_data.chisquare(SIZES.sum() - J, reps)
-        sample = _gibbs_core(
+        sample = gibbs_two_level_batch(
             np.broadcast_to(SIZES, (reps, J)).copy(),
             ybar,
             ssw,
