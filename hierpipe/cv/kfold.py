@@ -113,10 +113,9 @@ def run_kfold(
     model.check(method)
     engine = model.engine
     if not hasattr(engine, "score_kfold"):
-        raise MethodError(
-            f"formula '{formula}': within-group K-fold is not available for "
-            f"{model.structure.kind.replace('_', '-')} models yet"
-        )
+        kind = model.structure.kind.replace("_", "-")
+        reason = getattr(engine, "KFOLD_UNAVAILABLE", f"not available for {kind} models yet")
+        raise MethodError(f"formula '{formula}': within-group K-fold: {reason}")
     term = design.random[0]
     assign_rng = derive_rng(seed if fold_seed is None else fold_seed, *keys, "kfold")
     fold_of_row = assign_folds(term.codes, len(term.labels), folds, assign_rng)

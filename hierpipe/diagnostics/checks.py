@@ -85,8 +85,12 @@ def diagnose_fit(
     draws = pd.read_parquet(draws_path) if draws_path.exists() else None
     skipped: list[str] = []
     table, js_facts = shrinkage_table(model, summary, info, skipped)
-    ppc, overall, ppc_facts = predictive_checks(model, design, summary, draws, seed, keys, skipped)
+    ppc, overall, ppc_facts = predictive_checks(
+        model, design, summary, draws, seed, keys, skipped, info
+    )
     resid = residual_check(model, design, summary, skipped)
+    if hasattr(model.engine, "KFOLD_UNAVAILABLE"):  # an engine that cannot have a K-fold says why
+        skipped.append(f"kfold: {model.engine.KFOLD_UNAVAILABLE}")
     checks = {
         "method": info.get("method"),
         "icc": _icc(summary, model.structure.group),
@@ -106,6 +110,12 @@ def diagnose_fit(
         write_parquet(convergence_table(draws), out_dir / "convergence.parquet")
         prior = prior_check(model, info, seed, keys, skipped)
         write_parquet(prior, out_dir / "prior_predictive.parquet")
+    elif info.get("priors"):
+        # a Bayesian fit without draws (meta_bayes: exact posterior); its prior
+        # predictive is written only when the priors are proper
+        prior = prior_check(model, info, seed, keys, skipped)
+        if len(prior):
+            write_parquet(prior, out_dir / "prior_predictive.parquet")
     write_parquet(table, out_dir / "shrinkage.parquet")
     write_parquet(ppc, out_dir / "ppc.parquet")
     write_parquet(overall, out_dir / "ppc_overall.parquet")
@@ -128,7 +138,13 @@ def shrinkage_table(
     if hasattr(engine, "james_stein_table"):
         js = engine.james_stein_table(model.prepared, model.structure)
         if js is None:
-            skipped.append("james_stein: no within-group replication to estimate sigma^2")
+            why = getattr(engine, "james_stein_unavailable", None)
+            reason = (
+                why(model.prepared, model.structure)
+                if why is not None
+                else "no within-group replication to estimate sigma^2"
+            )
+            skipped.append(f"james_stein: {reason}")
     else:
         skipped.append("james_stein: not provided for this model structure")
     if js is None:
@@ -148,8 +164,12 @@ def predictive_checks(
     seed: int,
     keys: Sequence[str],
     skipped: list[str],
+    info: dict[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any] | None]:
-    """PPC tables and the facts checks.json reports (extreme groups, overall p-values)."""
+    """PPC tables and the facts checks.json reports (extreme groups, overall p-values).
+
+    An engine with ``PPC_NEEDS_INFO`` is also given the fit's ``info`` (fit.json).
+    """
     engine = model.engine
     if not hasattr(engine, "ppc_replicates"):
         skipped.append("ppc: not provided for this model structure")
@@ -157,7 +177,8 @@ def predictive_checks(
     term = design.random[0]
     observed = observed_statistics(design.y, term.codes, len(term.labels))
     rng = derive_rng(seed, *keys, "ppc")
-    reps = engine.ppc_replicates(model.prepared, model.structure, summary, draws, rng)
+    extra = {"info": info} if getattr(engine, "PPC_NEEDS_INFO", False) else {}
+    reps = engine.ppc_replicates(model.prepared, model.structure, summary, draws, rng, **extra)
     table, overall_reps = ppc_tables(observed, reps, term.labels)
     groups = table[table["scope"] == "group"]
     extreme = groups[groups["extreme"]]
@@ -193,7 +214,13 @@ def prior_check(
         rng = derive_rng(seed, *keys, "prior_predictive")
         prior = model.engine.prior_predictive(model.prepared, model.structure, info, rng)
     if prior is None:
-        skipped.append("prior_predictive: no priors recorded for this fit")
+        reason = (
+            "the recorded priors are improper (e.g. uniform on tau without an upper bound), "
+            "so they imply no distribution on the outcome's scale"
+            if info.get("priors")
+            else "no priors recorded for this fit"
+        )
+        skipped.append(f"prior_predictive: {reason}")
         return pd.DataFrame({"draw": pd.Series(dtype=np.int64)})
     return prior
 
@@ -205,32 +232,21 @@ def convergence_table(draws: pd.DataFrame | Path) -> pd.DataFrame:
     batch over the parameters; ``mcse_q5``/``mcse_q95`` are the MCSEs of the
     quantiles that bound the summary's 90% intervals.
     """
-    from hierpipe.diagnostics.convergence import (
-        ess_bulk,
-        ess_tail,
-        mcse_mean,
-        mcse_quantile,
-        split_rhat,
-    )
+    from hierpipe.diagnostics.convergence import diagnose_draws
 
     if not isinstance(draws, pd.DataFrame):
         draws = pd.read_parquet(draws)
     params = [c for c in draws.columns if c not in ("chain", "draw")]
     chains = int(draws["chain"].max()) + 1
     x = draws[params].to_numpy(dtype=np.float64).reshape(chains, -1, len(params))
-
-    def column(values: Any) -> np.ndarray:
-        return np.atleast_1d(np.asarray(values, dtype=np.float64))
-
+    values = diagnose_draws(x)
     return pd.DataFrame(
         {
             "parameter": pd.Series(params, dtype=str),
-            "rhat": column(split_rhat(x)),
-            "ess_bulk": column(ess_bulk(x)),
-            "ess_tail": column(ess_tail(x)),
-            "mcse_mean": column(mcse_mean(x)),
-            "mcse_q5": column(mcse_quantile(x, 0.05)),
-            "mcse_q95": column(mcse_quantile(x, 0.95)),
+            **{
+                c: values[c]
+                for c in ("rhat", "ess_bulk", "ess_tail", "mcse_mean", "mcse_q5", "mcse_q95")
+            },
             "hyperparameter": [bool(HYPER_PATTERN.match(p)) for p in params],
         }
     )

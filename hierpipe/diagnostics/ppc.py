@@ -79,11 +79,16 @@ class Replicates:
         covering all of them in order; ``stats`` maps each of :data:`STATISTICS`
         to an array (R, stop - start). Consumed once.
     note : how the replicates were drawn, for the report.
+    group_statistics : the statistics with per-group rows in ``ppc.parquet``
+        (default all four). A meta-analysis has one estimate a study, whose SD
+        is undefined and whose minimum and maximum are the estimate itself, so
+        its engine keeps ``("mean",)``; the overall statistics are always all four.
     """
 
     count: int
     blocks: Iterable[Block]
     note: str
+    group_statistics: tuple[str, ...] = STATISTICS
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ def ppc_tables(
             raise ValueError(f"replicate blocks must be consecutive: {start} after {covered}")
         n = observed.n[start:stop]
         acc.add(n, stats)
-        for s in STATISTICS:
+        for s in replicates.group_statistics:
             obs = observed.group[s][start:stop]
             parts[s].append(_rows("group", labels[start:stop], n, s, obs, stats[s]))
         covered = stop
@@ -261,7 +266,7 @@ def ppc_tables(
         raise ValueError(f"replicate blocks cover {covered} of {len(labels)} groups")
     overall = acc.result()
     rows = [_rows("overall", [""], [total], s, observed.overall[s], overall[s]) for s in STATISTICS]
-    rows += [df for s in STATISTICS for df in parts[s]]
+    rows += [df for s in replicates.group_statistics for df in parts[s]]
     table = pd.concat(rows, ignore_index=True)[PPC_COLUMNS]
     table = table.astype({"scope": str, "group": str, "statistic": str, "extreme": bool})
     reps = pd.DataFrame({"replicate": np.arange(replicates.count, dtype=np.int64)})

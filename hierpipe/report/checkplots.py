@@ -103,11 +103,17 @@ def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
         g = g.iloc[_even_rows(len(g), MAX_GROUPS_SHOWN * 3)]
         y = np.arange(len(g))
         ax = axes[1, k]
+        if g.empty:  # no per-group statistic (one estimate a study: only its value)
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"no per-group {stat}", ha="center", va="center", fontsize=8)
+            continue
         ax.hlines(y, g["rep_q025"], g["rep_q975"], color="0.6", lw=2)
         colour = np.where(g["extreme"], "C3", "k")
         ax.scatter(g["observed"], y, c=colour, s=8, zorder=3)
         ax.set_yticks([])
-        ax.set_xlabel(f"group {stat}", fontsize=8)
+        # one statistic a group (a meta-analysis: each study's estimate)
+        only = groups["statistic"].nunique() == 1
+        ax.set_xlabel("study estimate" if only else f"group {stat}", fontsize=8)
     axes[1, 0].set_ylabel("groups")
     fig.suptitle(f"{fit}: observed (red line, dots) against replicated data", fontsize=9)
     return to_base64(fig, left=0.04, right=0.99, top=0.9, bottom=0.09, wspace=0.12, hspace=0.3)
@@ -185,22 +191,25 @@ def residual_plot(fit: str, resid: pd.DataFrame) -> str:
     return to_base64(fig, left=0.05, right=0.99, top=0.88, bottom=0.2, wspace=0.22)
 
 
-def shrinkage_size_plot(tables: dict[str, pd.DataFrame]) -> str:
+def shrinkage_size_plot(
+    tables: dict[str, pd.DataFrame], x: str = "n", xlabel: str = "group size n_j"
+) -> str:
     """Shrinkage factor :math:`1 - \\lambda_j` of each group against its size, per fit.
 
     The James–Stein (or Efron–Morris) factor :math:`B_j` is drawn beside as
-    crosses when known.
+    crosses when known. ``x`` is the column on the horizontal axis (a
+    meta-analysis has one estimate a study and plots against its SE).
     """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     js_done = False
     for k, (fit, t) in enumerate(tables.items()):
-        ax.scatter(t["n"], t["shrinkage"], s=14, color=f"C{k}", label=fit, alpha=0.8)
+        ax.scatter(t[x], t["shrinkage"], s=14, color=f"C{k}", label=fit, alpha=0.8)
         if not js_done and "js_shrinkage" in t and t["js_shrinkage"].notna().any():
             ax.scatter(
-                t["n"], t["js_shrinkage"], marker="x", color="k", s=18, label="James-Stein B_j"
+                t[x], t["js_shrinkage"], marker="x", color="k", s=18, label="James-Stein B_j"
             )
             js_done = True
-    ax.set_xlabel("group size n_j")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("shrinkage factor (1 = fully pooled)")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7)

@@ -17,7 +17,9 @@ An engine module provides
 Optional functions. The diagnose, cv and report stages call them when an engine
 has them and otherwise skip the check (``checks.json`` lists what was skipped;
 the declared output files are then written with no rows). The one-way engine
-implements all of them (:mod:`hierpipe.models.engines.one_way_checks`).
+implements all of them (:mod:`hierpipe.models.engines.one_way_checks`), the LMM
+engine all of them too (:mod:`hierpipe.models.engines.lmm_checks`), and so does
+the multilevel engine (:mod:`hierpipe.models.engines.multilevel_checks`).
 
 ``ppc_replicates(prepared, structure, summary, draws, rng, replicates) -> Replicates``
     test statistics of replicated data sets: per group and overall mean, SD,
@@ -31,6 +33,9 @@ implements all of them (:mod:`hierpipe.models.engines.one_way_checks`).
 ``james_stein_table(prepared, structure) -> (DataFrame, dict) | None``
     James–Stein / Efron–Morris estimates of the group means beside the fits'
     (:mod:`hierpipe.diagnostics.shrinkage`);
+``james_stein_unavailable(prepared, structure) -> str``
+    why ``james_stein_table`` returned None, for ``checks.json`` (default: no
+    within-group replication);
 ``logo_log_lik(prepared, structure, draws[, groups]) -> ndarray (S, J)``
     log density of each group's observations given each draw with the group's
     own effect integrated out, for PSIS leave-one-group-out (:mod:`hierpipe.cv.psis`);
@@ -43,6 +48,12 @@ implements all of them (:mod:`hierpipe.models.engines.one_way_checks`).
 ``score_kfold(train, held, structure, method, settings, rng) -> list[dict]``
     refit on ``train`` and score each group's held-out observations
     (within-group K-fold, :mod:`hierpipe.cv.kfold`).
+``PPC_NEEDS_INFO``
+    when true, ``ppc_replicates`` also receives ``info=`` (fit.json), e.g. to
+    recompute an exact posterior (:mod:`hierpipe.models.engines.meta_checks`);
+``KFOLD_UNAVAILABLE``
+    an engine without ``score_kfold`` may say why (a string); ``checks.json``
+    lists it under ``skipped`` and ``cv-kfold`` fails with it.
 
 Engines are imported on demand so a one-way study never loads the others.
 """

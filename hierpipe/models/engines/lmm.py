@@ -1101,3 +1101,16 @@ def shrinkage(
         if k == 0:
             table["shrinkage"] = (1.0 - lam).astype(np.float64)
     return pd.DataFrame(table)
+
+
+# Optional engine functions (model checks, within-group K-fold); see
+# hierpipe.models.engines for the interface. Kept in their own module.
+from hierpipe.models.engines.lmm_checks import (  # noqa: E402, F401
+    james_stein_table,
+    james_stein_unavailable,
+    kfold_split,
+    ppc_replicates,
+    prior_predictive,
+    residuals,
+    score_kfold,
+)

@@ -833,3 +833,16 @@ def shrinkage(
             "se": np.sqrt(data.v),
         }
     )
+
+
+# Optional engine functions (model checks); see hierpipe.models.engines for the
+# interface. Kept in their own module. There is no within-study K-fold
+# (KFOLD_UNAVAILABLE says why).
+from hierpipe.models.engines.meta_checks import (  # noqa: E402, F401
+    KFOLD_UNAVAILABLE,
+    PPC_NEEDS_INFO,
+    james_stein_table,
+    ppc_replicates,
+    prior_predictive,
+    residuals,
+)

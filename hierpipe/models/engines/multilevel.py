@@ -688,3 +688,18 @@ def shrinkage(
             "shrinkage": (1.0 - lam).astype(np.float64),
         }
     )
+
+
+# Optional engine functions (model checks, PSIS-LOGO, within-group K-fold); see
+# hierpipe.models.engines for the interface. Kept in their own module.
+from hierpipe.models.engines.multilevel_checks import (  # noqa: E402, F401
+    james_stein_table,
+    james_stein_unavailable,
+    kfold_split,
+    logo_log_lik,
+    ppc_replicates,
+    prior_predictive,
+    residuals,
+    score_held_out_weighted,
+    score_kfold,
+)

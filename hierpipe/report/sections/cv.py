@@ -92,4 +92,19 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
     logo = next((t["tables"] for t in targets if t["target"] == "new_group"), {})
     for t in targets:
         t.pop("tables")
-    return {"targets": targets, "psis": _psis(ctx, logo)}
+    # the reason the diagnose stage records when an engine has no within-group K-fold
+    kfold_skipped = sorted(
+        {
+            s.removeprefix("kfold: ")
+            for f in ctx.fits.values()
+            for s in f.checks.get("skipped", [])
+            if s.startswith("kfold: ")
+        }
+    )
+    has_kfold = any(t["target"] == "known_group" for t in targets)
+    return {
+        "targets": targets,
+        "psis": _psis(ctx, logo),
+        "kfold_skipped": [] if has_kfold else kfold_skipped,
+        "kfold_title": TITLES["known_group"],
+    }

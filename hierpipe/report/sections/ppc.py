@@ -17,6 +17,13 @@ PRIOR_ROWS = (
     ("new_observation_deviation", "a new observation minus the intercept"),
     ("new_observation", "a new observation"),
 )
+# a meta-analysis: one estimate a study with known variance v_j (models.engines.meta_checks)
+META_PRIOR_ROWS = (
+    ("outcome_sd", "SD of a new study's estimate about mu, sqrt(tau^2 + median v_j)"),
+    ("new_group_deviation", "a new study's true effect minus mu"),
+    ("new_observation_deviation", "a new study's estimate (median v_j) minus mu"),
+    ("new_observation", "a new study's estimate"),
+)
 
 
 def _table(path: Path) -> pd.DataFrame | None:
@@ -57,7 +64,7 @@ def _prior_check(ctx: StudyContext, fit: str) -> dict[str, Any] | None:
         "new_observation": tuple(np.quantile(y, [0.05, 0.95])),
     }
     rows = []
-    for column, label in PRIOR_ROWS:
+    for column, label in META_PRIOR_ROWS if ctx.structure.kind == "meta" else PRIOR_ROWS:
         x = prior[column].to_numpy() if column in prior else np.array([np.nan])
         if not np.isfinite(x).any():
             continue
@@ -81,4 +88,8 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
     priors = [c for c in (_prior_check(ctx, f) for f in ctx.fits) if c is not None]
     if not fits and not priors:
         return None
-    return {"fits": fits, "priors": priors}
+    skipped = sorted(
+        {s for f in ctx.fits.values() for s in f.checks.get("skipped", []) if "prior" in s}
+    )
+    return {"fits": fits, "priors": priors, "meta": ctx.structure.kind == "meta",
+            "prior_skipped": skipped}  # fmt: skip

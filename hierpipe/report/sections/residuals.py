@@ -31,4 +31,4 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
                 "figure": checkplots.residual_plot(fit, resid),
             }
         )
-    return {"fits": fits} if fits else None
+    return {"fits": fits, "meta": ctx.structure.kind == "meta"} if fits else None

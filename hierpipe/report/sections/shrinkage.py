@@ -12,7 +12,11 @@ JS_FORMS = {
     "james_stein": "positive-part James–Stein towards the grand mean (equal group sizes)",
     "efron_morris": "Efron–Morris form for unequal group sizes (Morris 1983), shrinking "
     "towards the precision-weighted mean",
+    "morris_regression": "Morris (1983) form with the moderators, shrinking towards the "
+    "weighted regression line",
 }
+# one estimate a study: shrinkage is plotted against its standard error, not its size
+META_SIZE = ("se", "standard error of the study's estimate")
 
 
 def build(ctx: StudyContext) -> dict[str, Any] | None:
@@ -31,9 +35,15 @@ def build(ctx: StudyContext) -> dict[str, Any] | None:
     )
     if not tables and not effective:
         return None
+    meta = ctx.structure.kind == "meta"
     return {
         "figure": plots.shrinkage_plot(tables) if tables else None,
-        "size_figure": checkplots.shrinkage_size_plot(tables) if tables else None,
+        "size_figure": checkplots.shrinkage_size_plot(
+            tables, *(META_SIZE if meta else ("n", "group size n_j"))
+        )
+        if tables
+        else None,
+        "meta": meta,
         "effective": effective,
         "groups": next((f.checks.get("groups") for f in ctx.fits.values() if f.checks), None),
         "js": js,
