@@ -360,13 +360,17 @@ def _factor(
     # Equal texts from different values (1 and "1" in an object column) are one level.
     merged, levels = pd.factorize(texts)
     levels = np.asarray(levels, dtype=object)
-    codes = merged[codes]
-    used = np.bincount(codes, minlength=len(levels)) > 0
+    # Work on the distinct texts, then map the rows once: one pass over the
+    # rows for the counts and one gather, however the texts were merged.
+    present = np.bincount(codes, minlength=len(texts)) > 0
+    used = np.zeros(len(levels), dtype=bool)
+    used[merged[present]] = True
     keys = levels if order_of is None else np.array([order_of[t] for t in levels])
-    order = np.array([k for k in np.argsort(keys, kind="stable") if used[k]], dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    order = order[used[order]].astype(np.int64)
     rank = np.full(len(levels), -1, dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return _Factor(rank[codes], tuple(str(t) for t in levels[order]))
+    return _Factor(rank[merged][codes], tuple(str(t) for t in levels[order]))
 
 
 def _labelled(series: pd.Series, col: str, source: str, what: str) -> _Factor:
@@ -509,7 +513,10 @@ def _model_matrix(
         cols += c
         names += nm
     _check_unique_names(names, table.source)
-    matrix = np.column_stack(cols) if cols else np.empty((table.n, 0))
+    if len(cols) == 1:  # e.g. the intercept alone: a view, not a copy of N rows
+        matrix = cols[0].reshape(table.n, 1)
+    else:
+        matrix = np.column_stack(cols) if cols else np.empty((table.n, 0))
     return np.ascontiguousarray(matrix, dtype=np.float64), tuple(names), refs
 
 
@@ -536,9 +543,14 @@ def _check_rank(X: np.ndarray, names: tuple[str, ...], source: str) -> None:
         return
     if p > n:
         raise InputError(f"{source}: {p} fixed-effect columns but only {n} rows")
-    r = np.linalg.qr(X, mode="r")
     norms = np.linalg.norm(X, axis=0)
-    bad = np.abs(np.diag(r)) <= _RANK_TOL * norms
+    if p == 1:
+        # One column: |R_11| is its norm, so only a zero column fails; skipping
+        # the QR saves a pass (15 ms at 10^6 rows) on every intercept-only model.
+        bad = norms == 0
+    else:
+        r = np.linalg.qr(X, mode="r")
+        bad = np.abs(np.diag(r)) <= _RANK_TOL * norms
     if bad.any():
         j = int(np.argmax(bad))
         if norms[j] == 0:

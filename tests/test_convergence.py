@@ -374,3 +374,75 @@ def test_flag_convergence_messages_and_thresholds() -> None:
         cv.flag_convergence(point)
     with pytest.raises(dataclasses.FrozenInstanceError):
         flags[0].value = 1.0  # type: ignore[misc]
+
+
+def test_diagnose_draws_equals_per_parameter_functions() -> None:
+    # The batched summary (one sort shared by quantiles, ranks and quantile
+    # MCSEs; direct lag sums with an FFT fallback; chunks of parameters) must
+    # equal the per-quantity functions called on one (chains, draws) column at
+    # a time, which test_matches_arviz ties to ArviZ. More columns than one
+    # chunk, so the chunking is crossed; AR(0.995) columns outlast the direct
+    # lags and take the FFT path; the others end within them.
+    rng = np.random.default_rng(21)
+    for chains, draws in ((4, 500), (3, 301), (1, 64), (2, 20)):
+        k = cv._CHUNK + 37
+        x = rng.standard_normal((chains, draws, k))
+        x[:, :, :20] = ar1(rng, (chains, draws, 20), 0.995)
+        x[:, :, 20:30] = ar1(rng, (chains, draws, 10), -0.7)
+        x[:, :, 30:40] = rng.poisson(1.5, (chains, draws, 10))  # many ties
+        x[:, :, 40:44] = rng.integers(0, 2, (chains, draws, 4))  # two values
+        x[:, :, 44] = 7.0  # constant
+        x[:, :, 45] = np.arange(chains)[:, None]  # each chain constant
+        x[:, :, 46] *= 1e12  # scale
+        got = cv.diagnose_draws(x)
+        per_column = {
+            "rhat": cv.split_rhat,
+            "ess_bulk": cv.ess_bulk,
+            "ess_tail": cv.ess_tail,
+            "mcse_mean": cv.mcse_mean,
+            "mcse_q5": lambda a: cv.mcse_quantile(a, 0.05),
+            "mcse_q95": lambda a: cv.mcse_quantile(a, 0.95),
+            "mean": lambda a: a.mean(),
+            "sd": lambda a: a.std(ddof=1),
+            "q5": lambda a: np.quantile(a, 0.05),
+            "q50": lambda a: np.quantile(a, 0.5),
+            "q95": lambda a: np.quantile(a, 0.95),
+        }
+        assert set(per_column) == set(cv.DIAGNOSTIC_COLUMNS)
+        for name, f in per_column.items():
+            single = np.array([f(x[:, :, j]) for j in range(k)])
+            # Both sides are float64 with the same formulas; the direct lag sums
+            # and the FFT differ only in summation order (observed < 1e-13).
+            np.testing.assert_allclose(
+                got[name], single, rtol=1e-12, atol=0.0, equal_nan=True, err_msg=name
+            )
+        # The quantiles come from the shared sort and must be numpy's, bit for bit.
+        np.testing.assert_array_equal(got["q5"], np.quantile(x, 0.05, axis=(0, 1)))
+        # Direct lags and the FFT fallback both take part in this test.
+        assert np.isfinite(got["ess_bulk"][:20]).all() and np.isfinite(got["ess_bulk"]).all()
+
+
+def test_direct_lags_equal_fft_autocovariance() -> None:
+    # The lag sums that replace the FFT for the leading lags are the same
+    # quantity: chain-averaged biased autocovariance (rounding only).
+    rng = np.random.default_rng(22)
+    x = ar1(rng, (5, 3, 200), 0.8)  # (k, chains, n) internal layout
+    centred = x - x.mean(axis=-1, keepdims=True)
+    np.testing.assert_allclose(
+        cv._autocovariance_lags(centred, 0, 40),
+        cv._mean_autocovariance(x)[:, :40],
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_summarise_array_equals_summarise_draws() -> None:
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((4, 100, 6))
+    x[:, :, 2] = 1.5
+    names = [f"r_g[G{j},Intercept]" for j in range(6)]
+    from_array = cv.summarise_array(names, x)
+    from_dict = cv.summarise_draws({n: x[:, :, j] for j, n in enumerate(names)})
+    pd.testing.assert_frame_equal(from_array, from_dict, check_exact=True)
+    with pytest.raises(ValueError, match="shape"):
+        cv.summarise_array(names[:5], x)

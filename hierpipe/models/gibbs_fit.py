@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from hierpipe.data.groups import GroupStats
-from hierpipe.diagnostics.convergence import summarise_draws
+from hierpipe.diagnostics.convergence import summarise_array, summarise_draws
 from hierpipe.errors import ConfigError
 from hierpipe.models.gibbs_twolevel import Flat, HalfCauchy, InvGamma, Normal, Priors
 from hierpipe.models.oneway import Prediction, prediction_rows
@@ -140,15 +140,8 @@ def _group_summaries(
         for b in blocks:
             theta = sample.theta[:, :, b]
             values = theta - mu if shift else theta
-            labels = stats.labels[b]
-            parts.append(
-                summarise_draws(
-                    {
-                        f"{prefix}_{group}[{lab},Intercept]": values[:, :, k]
-                        for k, lab in enumerate(labels)
-                    }
-                )
-            )
+            names = [f"{prefix}_{group}[{lab},Intercept]" for lab in stats.labels[b]]
+            parts.append(summarise_array(names, values))
     return parts
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.special import stdtrit
 
 from hierpipe.data.groups import GroupStats
@@ -175,14 +176,14 @@ def eb_fit(stats: GroupStats, group: str, tau2: float, sigma2: float, *, info: d
         point_row("sigma", sigma),
         point_row(f"icc_{group}", tau2 / (tau2 + sigma2)),
     ]
-    rows += [
-        normal_row(f"r_{group}[{lab},Intercept]", m, s)
-        for lab, m, s in zip(stats.labels, r, r_sd, strict=True)
-    ]
-    rows += [
-        normal_row(f"coef_{group}[{lab},Intercept]", mu + m, s)
-        for lab, m, s in zip(stats.labels, r, coef_sd, strict=True)
-    ]
+    summary = pd.concat(
+        [
+            summary_frame(rows),
+            _normal_rows(f"r_{group}[", stats.labels, r, r_sd),
+            _normal_rows(f"coef_{group}[", stats.labels, mu + r, coef_sd),
+        ],
+        ignore_index=True,
+    )
     sd_mean = np.sqrt(tau2 + se_mu**2)
     sd_obs = np.sqrt(tau2 + sigma2 + se_mu**2)
     preds = [
@@ -205,5 +206,28 @@ def eb_fit(stats: GroupStats, group: str, tau2: float, sigma2: float, *, info: d
     ]
     out = dict(info)
     out["predictions"] = prediction_rows(preds)
-    out["shrinkage"] = {lab: float(b) for lab, b in zip(stats.labels, shrink, strict=True)}
-    return FitResult(summary=summary_frame(rows), info=out)
+    out["shrinkage"] = dict(zip(stats.labels, shrink.tolist(), strict=True))
+    return FitResult(summary=summary, info=out)
+
+
+def _normal_rows(
+    prefix: str, labels: tuple[str, ...], estimate: np.ndarray, se: np.ndarray
+) -> pd.DataFrame:
+    """:func:`normal_row` for every group at once (``prefix + label + ",Intercept]"``).
+
+    Same float64 operations as the row function, so the same values bit for
+    bit, without a dictionary a group (10^4-10^5 groups at scale).
+    """
+    estimate = np.asarray(estimate, dtype=np.float64)
+    se = np.asarray(se, dtype=np.float64)
+    names = pd.Series([f"{prefix}{lab},Intercept]" for lab in labels], dtype=object)
+    return pd.DataFrame(
+        {
+            "parameter": names.astype(str),
+            "mean": estimate,
+            "sd": se,
+            "q5": estimate - Z90 * se,
+            "q50": estimate,
+            "q95": estimate + Z90 * se,
+        }
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ class FitFiles:
     convergence: pd.DataFrame | None = None
     draws_path: Path | None = None
 
-    @property
+    @cached_property
     def estimates(self) -> pd.DataFrame:
+        # Indexed once: sections look it up per fit and at 10^5 groups the
+        # summary has 2 x 10^5 rows.
         return self.summary.set_index("parameter")
 
 

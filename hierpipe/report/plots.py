@@ -22,6 +22,13 @@ def to_base64(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# Above this many groups a panel plots an evenly spaced sample of them (in the
+# table's label order) and its title says so: drawing 10^5 coloured markers a
+# panel took about 10 s of the report at scale (issue 7), and they overlap into
+# a blot long before. The axis range still spans every group.
+MAX_SHRINKAGE_POINTS = 2000
+
+
 def shrinkage_plot(tables: dict[str, pd.DataFrame]) -> str:
     """No-pooling against hierarchical estimate per group, with the diagonal."""
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
@@ -31,10 +38,15 @@ def shrinkage_plot(tables: dict[str, pd.DataFrame]) -> str:
         pad = 0.05 * (hi - lo if hi > lo else 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1, label="no shrinkage")
         ax.axhline(t["population"].iloc[0], color="C3", lw=1, ls="--", label="population mean")
+        title = fit
+        if len(t) > MAX_SHRINKAGE_POINTS:
+            keep = np.unique(np.round(np.linspace(0, len(t) - 1, MAX_SHRINKAGE_POINTS)).astype(int))
+            title = f"{fit}: {len(keep):,} of {len(t):,} groups, evenly spaced"
+            t = t.iloc[keep]
         sc = ax.scatter(t["no_pooling"], t["estimate"], c=t["n"], cmap="viridis", s=22, zorder=3)
         ax.set_xlabel("no-pooling estimate (group mean)")
         ax.set_ylabel(f"{fit} estimate")
-        ax.set_title(fit)
+        ax.set_title(title, fontsize=10 if title != fit else None)
         fig.colorbar(sc, ax=ax, label="group size")
     axes[0][0].legend(loc="upper left", fontsize=8)
     return to_base64(fig)
