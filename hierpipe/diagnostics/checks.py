@@ -34,7 +34,6 @@ workflow's outputs are the same for every structure.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,9 @@ import pandas as pd
 from hierpipe.diagnostics.ppc import empty_ppc, observed_statistics, ppc_tables
 from hierpipe.diagnostics.residuals import empty_residuals
 from hierpipe.io import read_json, read_table, write_json, write_parquet
+from hierpipe.names import is_hyperparameter
 from hierpipe.seeds import derive_rng
 
-HYPER_PATTERN = re.compile(r"^(b_|sd_|sigma$|cor_)")
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
 
@@ -58,7 +57,7 @@ def hyper_flags(summary: pd.DataFrame) -> list[str]:
 
     if "rhat" not in summary.columns:
         return []
-    hyper = [p for p in summary["parameter"] if HYPER_PATTERN.match(p)]
+    hyper = [p for p in summary["parameter"] if is_hyperparameter(p)]
     return flag_convergence(summary, hyper, rhat_max=RHAT_MAX, ess_min=ESS_MIN)
 
 
@@ -247,6 +246,6 @@ def convergence_table(draws: pd.DataFrame | Path) -> pd.DataFrame:
                 c: values[c]
                 for c in ("rhat", "ess_bulk", "ess_tail", "mcse_mean", "mcse_q5", "mcse_q95")
             },
-            "hyperparameter": [bool(HYPER_PATTERN.match(p)) for p in params],
+            "hyperparameter": [is_hyperparameter(p) for p in params],
         }
     )

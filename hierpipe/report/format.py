@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-HYPER_PREFIXES = ("b_", "sd_", "cor_", "sigma", "icc_")
+from hierpipe.names import POPULATION_PREFIXES
 
 
 def num(x: Any, digits: int = 3) -> str:
@@ -30,13 +30,8 @@ def num(x: Any, digits: int = 3) -> str:
     return text if text not in ("", "-") else "0"
 
 
-def is_hyper(name: str) -> bool:
-    """Population-level parameters (not per-group ``r_``/``coef_`` rows)."""
-    return name.startswith(HYPER_PREFIXES)
-
-
 def hyper_rank(name: str) -> int:
-    return next(i for i, pre in enumerate(HYPER_PREFIXES) if name.startswith(pre))
+    return next(i for i, pre in enumerate(POPULATION_PREFIXES) if name.startswith(pre))
 
 
 def interval(row: pd.Series) -> str:

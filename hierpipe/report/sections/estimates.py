@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hierpipe.names import POPULATION_PREFIXES
 from hierpipe.report import plots
 from hierpipe.report.context import StudyContext
-from hierpipe.report.format import HYPER_PREFIXES, hyper_rank, interval
+from hierpipe.report.format import hyper_rank, interval
 
 # Above this many groups the figure and the table show an evenly spaced sample of
 # the groups (in label order): a tick and a row a group stop being readable long
@@ -43,7 +44,7 @@ def build(ctx: StudyContext) -> dict[str, Any]:
     names: list[str] = []
     for f in ctx.fits.values():
         params = f.summary["parameter"].astype(object).astype(str)
-        hyper = params[params.str.startswith(HYPER_PREFIXES).to_numpy(dtype=bool)]
+        hyper = params[params.str.startswith(POPULATION_PREFIXES).to_numpy(dtype=bool)]
         names += [p for p in hyper if p not in names]
     names.sort(key=hyper_rank)
     rows = [{"parameter": name} for name in names]

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hierpipe.names import POPULATION_PREFIXES
 from hierpipe.report.context import StudyContext
-from hierpipe.report.format import HYPER_PREFIXES
 
 
 def _kinds(names: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ def _kinds(names: np.ndarray) -> np.ndarray:
     kinds = np.full(len(names), "other", dtype=object)
     kinds[text.str.startswith("coef_").to_numpy(dtype=bool)] = "coef_"
     kinds[text.str.startswith("r_").to_numpy(dtype=bool)] = "r_"
-    kinds[text.str.startswith(HYPER_PREFIXES).to_numpy(dtype=bool)] = "population"
+    kinds[text.str.startswith(POPULATION_PREFIXES).to_numpy(dtype=bool)] = "population"
     return kinds
 
 
