@@ -19,6 +19,7 @@ from hierpipe.cv.compare import compare
 from hierpipe.cv.folds import run_chunk
 from hierpipe.cv.kfold import assign_folds, model_and_design, run_kfold
 from hierpipe.data.simulate import simulate
+from hierpipe.errors import MethodError
 from hierpipe.io import write_parquet
 from hierpipe.models.engines.one_way import run_gibbs
 from hierpipe.models.engines.one_way_checks import within_predictive
@@ -172,3 +173,13 @@ def test_compare_pairs_kfold_blocks_by_group(tmp_path) -> None:
     assert row_a["rmse"] == pytest.approx(np.sqrt(2.0))
     assert row_a["coverage90"] == pytest.approx(2 / 3)
     assert set(table["target"]) == {"known_group"}
+
+
+def test_compare_refuses_a_non_finite_elpd(tmp_path) -> None:
+    """A NaN elpd must stop the comparison: pandas' sum would skip it, scoring the group 0."""
+    a = pd.DataFrame({"fit": "a", "group": ["g1", "g2"], "fold": [0, 0],
+                      "elpd": [-1.0, np.nan], "error": [1.0, 1.0],
+                      "covered": [True, True]})  # fmt: skip
+    b = a.assign(fit="b", elpd=[-1.5, -2.0])
+    with pytest.raises(MethodError, match=r"column 'elpd' is not finite for group 'g2' of fit 'a'"):
+        compare([], [_write(tmp_path, "a", a), _write(tmp_path, "b", b)])

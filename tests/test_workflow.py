@@ -72,8 +72,14 @@ def test_outputs_follow_the_contract(run_a):
         assert list(s.columns[:6]) == ["parameter", "mean", "sd", "q5", "q50", "q95"]
         assert (s.dtypes.iloc[1:] == "float64").all()
     gibbs = pd.read_parquet(res / "fits" / "gibbs" / "summary.parquet").set_index("parameter")
-    for name in ("b_Intercept", "sd_school__Intercept", "sigma", "icc_school",
-                 "r_school[S01,Intercept]", "coef_school[S08,Intercept]"):
+    for name in (
+        "b_Intercept",
+        "sd_school__Intercept",
+        "sigma",
+        "icc_school",
+        "r_school[S01,Intercept]",
+        "coef_school[S08,Intercept]",
+    ):
         assert name in gibbs.index, name
     assert {"rhat", "ess_bulk", "ess_tail", "mcse_mean"} <= set(gibbs.columns)
     draws = pd.read_parquet(res / "fits" / "gibbs" / "draws.parquet")
@@ -90,8 +96,17 @@ def test_outputs_follow_the_contract(run_a):
 def test_report_is_self_contained_and_complete(run_a):
     page = _Page()
     page.feed((run_a / "results" / "tiny" / "report.html").read_text())
-    assert {"overview", "estimates", "groups", "shrinkage", "variance", "convergence", "cv",
-            "recovery", "provenance"} <= page.ids
+    assert {
+        "overview",
+        "estimates",
+        "groups",
+        "shrinkage",
+        "variance",
+        "convergence",
+        "cv",
+        "recovery",
+        "provenance",
+    } <= page.ids
     assert page.img_src and all(s.startswith("data:image/png;base64,") for s in page.img_src)
     assert page.external == []
     text = " ".join(page.text)
@@ -140,9 +155,15 @@ def test_unknown_config_key_names_the_key(tmp_path):
 
 def test_bad_user_file_fails_with_one_line(tmp_path):
     (tmp_path / "pupils.csv").write_text("School,Score\nA,1\nA,2\nB,x\nB,4\n")
-    cfg = {"studies": {"mine": {
-        "data": {"file": "pupils.csv", "columns": {"school": "School", "score": "Score"}},
-        "formula": "score ~ 1 + (1 | school)", "fits": ["eb_reml"]}}}
+    cfg = {
+        "studies": {
+            "mine": {
+                "data": {"file": "pupils.csv", "columns": {"school": "School", "score": "Score"}},
+                "formula": "score ~ 1 + (1 | school)",
+                "fits": ["eb_reml"],
+            }
+        }
+    }
     work = workdir(tmp_path, cfg)
     proc = snakemake(work, "--cores", "1", check=False)
     assert proc.returncode != 0

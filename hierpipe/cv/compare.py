@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from hierpipe.errors import MethodError
+
 COMPARISON_COLUMNS = [
     "target",
     "fit",
@@ -45,6 +47,17 @@ TARGETS = ("new_group", "known_group")
 
 def _fit_name(t: pd.DataFrame, path: str) -> str:
     return str(t["fit"].iloc[0]) if len(t) else str(path)
+
+
+def _check_finite(table: pd.DataFrame, path: str) -> None:
+    """Refuse a CV table with a non-finite elpd: a sum would skip it, as if it scored 0 (best)."""
+    bad = ~np.isfinite(table["elpd"].to_numpy(dtype=np.float64))
+    if bad.any():
+        row = table.loc[bad].iloc[0]
+        raise MethodError(
+            f"{path}: column 'elpd' is not finite for group '{row['group']}' of fit "
+            f"'{_fit_name(table, path)}' ({int(bad.sum())} rows); the fit could not score it"
+        )
 
 
 def _block(target: str, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -82,6 +95,7 @@ def compare(paths: Sequence[str], kfold_paths: Sequence[str] = ()) -> pd.DataFra
         tables = {}
         for p in files:
             t = pd.read_parquet(p)
+            _check_finite(t, p)
             tables[_fit_name(t, p)] = t
         if tables:
             blocks.append(_block(target, tables))
