@@ -233,6 +233,23 @@ def test_gibbs_replicates_use_the_stored_study_effects(schools):
     assert "full conditional" in reps2.note
 
 
+def test_replicates_without_stored_effects_follow_the_full_conditional(schools):
+    """Draws at fixed (mu, tau) lacking coef_: y_rep_j ~ N((1-B)y + B mu, (1-B)v + v)."""
+    model, _ = load(schools, ES)
+    d, n, mu, tau = model.prepared, 20000, 8.0, 6.0
+    draws = pd.DataFrame({"chain": 0, "draw": np.arange(n), "b_Intercept": mu,
+                          "sd_school__Intercept": tau})  # fmt: skip
+    reps = model.engine.ppc_replicates(d, model.structure, None, draws, np.random.default_rng(1), n)
+    ((_, _, block),) = list(reps.blocks)
+    b = d.v / (d.v + tau**2)
+    sd = np.sqrt((1.0 - b) * d.v + d.v)
+    # 5 Monte Carlo SEs of a mean of 20000 independent normals; the SD's SE is 0.5%, so 2.5%
+    np.testing.assert_allclose(
+        block["mean"].mean(axis=0), (1.0 - b) * d.y + b * mu, atol=5 * sd.max() / np.sqrt(n)
+    )
+    np.testing.assert_allclose(block["mean"].std(axis=0), sd, rtol=0.025)
+
+
 # --------------------------------------------------------------------------- prior predictive
 
 

@@ -632,6 +632,14 @@ def within_predictive(
         return lambda g: pred
     if method == "no_pooling":
         est = no_pooling_estimates(train)
+        if not est.df > 0:
+            # sigma^2 is undefined (NaN), and a NaN elpd would be summed as 0 downstream
+            raise InputError(
+                f"within-group K-fold: under no pooling the training rows of a fold leave no "
+                f"residual degrees of freedom (each {train.group} keeps at most as many rows "
+                f"as it has coefficients: {', '.join(train.coef_names)}), so sigma cannot be "
+                "estimated; use fewer folds or leave no_pooling out of cv.kfold.fits"
+            )
         s2 = np.array([est.sigma2])
 
         def own(g: int) -> _Conditional:
