@@ -1,5 +1,5 @@
 """Mixing of the varying-slopes Gibbs sampler: ESS per draw of each sd_*, with and without
-the interweaving scale move, in a weak-data and a strong-data regime.
+the marginal move and the interweaving moves, in a weak-data and a strong-data regime.
 
 Run from the repository root::
 
@@ -15,8 +15,10 @@ Model ``y ~ 1 + x + (1 + x | g)``, x ~ N(0, 1), simulated here (fixed seeds):
 Default priors of the ``gibbs`` method (Huang-Wand nu = 2 with scales s_y/s_z,
 half-Cauchy sigma with scale s_y, flat beta). ESS is
 min(bulk, tail) (hierpipe.diagnostics.convergence.summarise_draws) divided by
-the number of kept draws (chains x draws). Seconds per iteration are wall time
-on a shared machine, so only indicative.
+the number of kept draws (chains x draws). Milliseconds per iteration (all
+chains) are CPU time of this process (``time.process_time``), which a shared
+machine inflates less than wall time; *min ESS/s* is the smallest ESS over
+the sd_*, cor_* and sigma per CPU second.
 """
 
 from __future__ import annotations
@@ -59,19 +61,28 @@ def default_priors(X: np.ndarray, y: np.ndarray) -> gl.LmmPriors:
     )
 
 
-def run(regime: str, interweave: bool, chains: int, warmup: int, draws: int) -> dict:
+def run(
+    regime: str, interweave: bool, marginal: bool, chains: int, warmup: int, draws: int
+) -> dict:
     spec = REGIMES[regime]
     X, codes, y = simulate(1, **spec)
     stats = lmm_suffstats(X, X, y, codes, spec["groups"])
-    settings = gl.LmmGibbsSettings(chains, warmup, draws, interweave=interweave)
-    t0 = time.perf_counter()
+    settings = gl.LmmGibbsSettings(chains, warmup, draws, interweave=interweave, marginal=marginal)
+    t0 = time.process_time()
     d = gl.gibbs_lmm_stats(stats, default_priors(X, y), settings, np.random.default_rng(2))
-    secs = time.perf_counter() - t0
+    secs = time.process_time() - t0
     arrays = gl.parameter_arrays(d, "g", ("Intercept", "x"), ("Intercept", "x"), (2,))
     s = summarise_draws(arrays).set_index("parameter")
     n = chains * draws
     ess = {k: min(s.loc[k, "ess_bulk"], s.loc[k, "ess_tail"]) / n for k in arrays}
-    return {"ess": ess, "s_per_iter": secs / (warmup + draws), "rhat": s["rhat"].max()}
+    hyper = [k for k in arrays if not k.startswith("b_")]
+    rate = min(ess[k] for k in hyper) * n / secs
+    return {
+        "ess": ess,
+        "s_per_iter": secs / (warmup + draws),
+        "rhat": s["rhat"].max(),
+        "rate": rate,
+    }
 
 
 def main() -> None:
@@ -81,17 +92,23 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1000)
     a = ap.parse_args()
     cols = ["sd_g__Intercept", "sd_g__x", "cor_g__Intercept__x", "sigma", "b_Intercept", "b_x"]
-    print("| regime | interweave | " + " | ".join(cols) + " | max R-hat | ms/iteration |")
-    print("|---" * (len(cols) + 4) + "|")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start")
+    print(
+        "| regime | marginal | interweave | "
+        + " | ".join(cols)
+        + " | max R-hat | ms/iteration (CPU) | min ESS/s |"
+    )
+    print("|---" * (len(cols) + 6) + "|")
     for regime in REGIMES:
-        for inter in (True, False):
-            r = run(regime, inter, a.chains, a.warmup, a.draws)
+        for marginal, inter in ((True, True), (False, True), (False, False)):
+            r = run(regime, inter, marginal, a.chains, a.warmup, a.draws)
             vals = " | ".join(f"{r['ess'][c]:.2f}" for c in cols)
             print(
-                f"| {regime} | {'yes' if inter else 'no'} | {vals} | {r['rhat']:.3f} | "
-                f"{1e3 * r['s_per_iter']:.1f} |",
+                f"| {regime} | {'yes' if marginal else 'no'} | {'yes' if inter else 'no'} | "
+                f"{vals} | {r['rhat']:.3f} | {1e3 * r['s_per_iter']:.2f} | {r['rate']:,.0f} |",
                 flush=True,
             )
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

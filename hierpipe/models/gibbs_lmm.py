@@ -33,6 +33,27 @@ Priors
 
 One iteration (all chains advance together; chains are the leading array axis)
 ------------------------------------------------------------------------------
+0. Marginal move (``marginal=True``, after warm-up iteration 50): a
+   multiple-proposal independence update (Tjelmeland 2004) of
+   :math:`(\sigma^2, \Sigma)` on their marginal posterior, with
+   :math:`(\beta, b)` and the prior's auxiliary variables integrated out in
+   closed form: :math:`\log p(y \mid \sigma^2, \Sigma)` from per-group
+   :math:`q \times q` factorisations (:func:`_log_marginal`), the half-Cauchy
+   density of :math:`\sigma` and Huang & Wand's (2013, eq. 2) density
+   :math:`p(\Sigma) \propto |\Sigma|^{-(\nu+2q)/2}\prod_k(\nu(\Sigma^{-1})_{kk}
+   + 1/A_k^2)^{-(\nu+q)/2}` (or the inverse-Wishart / inverse-gamma density).
+   Three points are drawn from a multivariate :math:`t_2` fitted to the chain's
+   own warm-up draws of :math:`x = (\log\sigma^2`, log-Cholesky factor of
+   :math:`\Sigma)` (refitted at warm-up iterations 50, 100, 200, ... and at the
+   end of warm-up, to the second half of the draws so far; fixed afterwards),
+   and the chain moves to one of the four points with probability proportional
+   to target over proposal density. The auxiliaries are then drawn given the
+   new :math:`(\sigma^2, \Sigma)`, and step 1 draws :math:`(\beta, b)`, so the
+   block is an exact collapsed update. It moves :math:`\sigma` and the SDs
+   together, which the conditional steps below cannot when every group is
+   small (the residual and the group-level variance then trade off along a
+   ridge): in the weak regime of ``benchmarks/bench_gibbs_lmm.py`` it raises
+   the ESS per draw of the SDs and sigma 3-6 fold.
 1. :math:`(\beta, b) \mid \sigma^2, \Sigma` jointly: :math:`\beta` from its
    distribution with :math:`b` integrated out, then :math:`b \mid \beta`. With
    :math:`M_g = Z_g^\top Z_g + \sigma^2\Sigma^{-1}` (one batched
@@ -97,7 +118,11 @@ One iteration (all chains advance together; chains are the leading array axis)
    centred :math:`\Sigma \mid b` step cannot when groups are small.
 
 Everything comes from :func:`hierpipe.models.suffstats_lmm.lmm_suffstats`, so an
-iteration costs :math:`O(G(q^3 + q^2p + qp^2) + p^3)` whatever :math:`N` is.
+iteration costs :math:`O(G(q^3 + q^2p + qp^2) + p^3)` whatever :math:`N` is. The
+per-group :math:`q \times q` factorisations and solves run on a component-major
+layout (entry :math:`(i, j)` of every chain's and group's matrix is one
+contiguous array), as :math:`O(q^3)` whole-array numpy operations rather than
+one LAPACK call a group.
 The sampler works in the centred coordinates of the statistics and maps
 :math:`\beta` back with :meth:`LmmStats.beta_from_centred`.
 
@@ -113,6 +138,8 @@ Makalic, E. & Schmidt, D. F. (2016). A simple sampler for the horseshoe
 estimator. *IEEE Signal Processing Letters* 23(1), 179-182.
 Liu, J. S. & Sabatti, C. (2000). Generalised Gibbs sampler and multigrid Monte
 Carlo for Bayesian computation. *Biometrika* 87(2), 353-369.
+Tjelmeland, H. (2004). Using all Metropolis-Hastings proposals. Technical
+report, Norwegian University of Science and Technology, Trondheim.
 Yu, Y. & Meng, X.-L. (2011). To center or not to center: that is not the
 question. *J. Comput. Graph. Statist.* 20(3), 531-570.
 Gelman, A. (2006). Prior distributions for variance parameters in hierarchical
@@ -135,6 +162,14 @@ from hierpipe.models.suffstats_lmm import LmmStats
 
 #: values (chain x draw x group x coefficient) summarised at once for group parameters
 _BLOCK_VALUES = 1 << 22
+# Marginal move: _MP_M multivariate-t proposals (_MP_DF degrees of freedom, scale the
+# covariance of the chain's own warm-up draws, each SD at least _MP_SD_FLOOR) an
+# iteration, first fitted after warm-up iteration _MP_START (Gibbs steps only before).
+_MP_M = 3
+_MP_DF = 2.0
+_MP_SD_FLOOR = 1e-3
+_MP_START = 50
+_X_MAX = 200.0
 
 if TYPE_CHECKING:  # the engine imports this module lazily; avoid a cycle
     from hierpipe.models.engines.lmm import LmmData
@@ -238,7 +273,8 @@ class LmmGibbsSettings:
     """Sampler settings, recorded in ``fit.json``.
 
     ``chains`` chains each run ``warmup + draws * thin`` iterations and keep
-    every ``thin``-th after warm-up; ``interweave`` switches the scale move.
+    every ``thin``-th after warm-up; ``interweave`` switches the scale and
+    shear moves, ``marginal`` the marginal move (step 0 of the module docstring).
     """
 
     chains: int = 4
@@ -246,6 +282,7 @@ class LmmGibbsSettings:
     draws: int = 1000
     thin: int = 1
     interweave: bool = True
+    marginal: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -354,6 +391,104 @@ def block_slices(block_sizes: tuple[int, ...]) -> list[slice]:
 
 
 # --------------------------------------------------------------------------- conditionals
+#
+# The per-group work runs on a component-major layout: a (q, q) stack over
+# (chain, group) is held as an array (q, q, C, G), so entry (i, j) of every
+# group's matrix is one contiguous (C, G) array. The Cholesky factorisation and
+# the triangular solves of the q x q systems are then O(q^3) whole-array numpy
+# operations, each over C x G numbers, instead of C x G separate LAPACK calls.
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Cross-products in the component-major layout (built once per run)."""
+
+    ztz: np.ndarray  # (q,q,G)
+    ztx: np.ndarray  # (q,p,G)
+    zty: np.ndarray  # (q,C,G)
+    xtx: np.ndarray  # (p,p)
+    xty: np.ndarray  # (C,p)
+    yty: np.ndarray  # (C,)
+
+
+def _layout(d: _Data, c: int) -> _Layout:
+    g, q, p = d.shape
+    zty = np.broadcast_to(d.zty, (c, g, q))
+    return _Layout(
+        ztz=np.ascontiguousarray(d.ztz.transpose(1, 2, 0)),
+        ztx=np.ascontiguousarray(d.ztx.transpose(1, 2, 0)),
+        zty=np.ascontiguousarray(zty.transpose(2, 0, 1)),
+        xtx=d.xtx,
+        xty=np.ascontiguousarray(np.broadcast_to(d.xty, (c, p))),
+        yty=np.broadcast_to(d.yty, (c,)).astype(float),
+    )
+
+
+def _cholesky(m: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of a component-major stack ``m`` (q,q,...) (upper part 0)."""
+    q = m.shape[0]
+    chol = np.zeros_like(m)
+    for j in range(q):
+        diag = m[j, j] - np.einsum("k...,k...->...", chol[j, :j], chol[j, :j])
+        chol[j, j] = np.sqrt(diag)
+        for i in range(j + 1, q):
+            off = m[i, j] - np.einsum("k...,k...->...", chol[i, :j], chol[j, :j])
+            chol[i, j] = off / chol[j, j]
+    return chol
+
+
+def _solve_lower(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """:math:`L^{-1}` rhs; ``rhs`` (q, r..., C, G) broadcasts against ``chol[i, j]`` (C, G)."""
+    out = np.empty(np.broadcast_shapes(rhs.shape, (chol.shape[0], *chol.shape[2:])))
+    for i in range(chol.shape[0]):
+        acc = rhs[i]
+        for k in range(i):
+            acc = acc - chol[i, k] * out[k]
+        out[i] = acc / chol[i, i]
+    return out
+
+
+def _solve_upper(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """:math:`L^{-\\top}` rhs for the factor ``chol`` of :func:`_cholesky`, rhs (q, C, G)."""
+    q = chol.shape[0]
+    out = np.empty_like(rhs)
+    for i in range(q - 1, -1, -1):
+        acc = rhs[i].copy()
+        for k in range(i + 1, q):
+            acc -= chol[k, i] * out[k]
+        out[i] = acc / chol[i, i]
+    return out
+
+
+def _draw_coefficients(
+    rng: np.random.Generator,
+    lay: _Layout,
+    sigma2: np.ndarray,
+    Sigma: np.ndarray,
+    beta_prec: np.ndarray,
+    beta_lin: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 of the module docstring in the component-major layout: ``beta`` (C,p), ``b`` (q,C,G).
+
+    With :math:`M_g = LL^\\top`, :math:`U = L^{-1}[Z^\\top X \\mid Z^\\top y]`
+    gives :math:`X^\\top Z M^{-1} Z^\\top X = U_x^\\top U_x` (and so on), and
+    :math:`b = L^{-\\top}(U_y - U_x\\beta + \\sigma z)` has mean
+    :math:`M^{-1}Z^\\top(y - X\\beta)` and covariance :math:`\\sigma^2 M^{-1}`:
+    one back-substitution gives the mean and the noise together.
+    """
+    q, c, g = lay.zty.shape
+    s_inv = np.linalg.inv(Sigma)
+    m = lay.ztz[:, :, None, :] + (sigma2 * s_inv.transpose(1, 2, 0))[..., None]  # (q,q,C,G)
+    chol = _cholesky(m)
+    ux = _solve_lower(chol[:, :, None], lay.ztx[:, :, None, :])  # (q,p,C,G)
+    uy = _solve_lower(chol, lay.zty)  # (q,C,G)
+    a = lay.xtx[None] - np.einsum("kpcg,krcg->cpr", ux, ux)
+    r = lay.xty - np.einsum("kpcg,kcg->cp", ux, uy)
+    s2 = sigma2[:, None]
+    beta = _mvn_from_precision(rng, a / s2[..., None] + beta_prec, r / s2 + beta_lin)
+    z = rng.standard_normal((c, g, q)).transpose(2, 0, 1)
+    v = uy - np.einsum("kpcg,cp->kcg", ux, beta) + np.sqrt(sigma2)[:, None] * z
+    return beta, _solve_upper(chol, v)
 
 
 def draw_coefficients(
@@ -370,46 +505,37 @@ def draw_coefficients(
     are the prior's precision and precision times mean (zeros for flat).
     Returns ``beta`` (C,p) and ``b`` (C,G,q). See the module docstring, step 1.
     """
-    g, q, p = d.shape
-    c = sigma2.shape[0]
-    s_inv = np.linalg.inv(Sigma)
-    m = d.ztz[None] + (sigma2[:, None, None] * s_inv)[:, None]  # (C,G,q,q)
-    chol = np.linalg.cholesky(m)
-    zty = np.broadcast_to(d.zty, (c, g, q))
-    rhs = np.concatenate([np.broadcast_to(d.ztx, (c, g, q, p)), zty[..., None]], axis=3)
-    w = np.linalg.solve(m, rhs)  # M_g^{-1}[Z'X | Z'y]
-    a = d.xtx[None] - np.einsum("gqp,cgqr->cpr", d.ztx, w[..., :p])
-    r = np.broadcast_to(d.xty, (c, p)) - np.einsum("gqp,cgq->cp", d.ztx, w[..., p])
-    s2 = sigma2[:, None]
-    beta = _mvn_from_precision(rng, a / s2[..., None] + beta_prec, r / s2 + beta_lin)
-    mean_b = w[..., p] - np.einsum("cgqp,cp->cgq", w[..., :p], beta)
-    z = rng.standard_normal((c, g, q))
-    noise = np.linalg.solve(np.swapaxes(chol, -1, -2), z[..., None])[..., 0]
-    return beta, mean_b + np.sqrt(sigma2)[:, None, None] * noise
+    beta, b = _draw_coefficients(
+        rng, _layout(d, sigma2.shape[0]), sigma2, Sigma, beta_prec, beta_lin
+    )
+    return beta, b.transpose(1, 2, 0)
 
 
-def residual_cross(d: _Data, beta: np.ndarray) -> np.ndarray:
-    r""":math:`t_g = Z_g^\top(y_g - X_g\beta)` for every chain (C,G,q)."""
-    return d.zty - np.einsum("gqp,cp->cgq", d.ztx, beta)
+def _zb(lay: _Layout, b: np.ndarray) -> np.ndarray:
+    r""":math:`Z_g^\top Z_g b_g` (q,C,G)."""
+    return np.einsum("klg,lcg->kcg", lay.ztz, b)
 
 
-def residual_ss(d: _Data, beta: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    r""":math:`\|y - X\beta - Zb\|^2` from the cross-products (C,)."""
-    xty = np.broadcast_to(d.xty, beta.shape)
+def _residual_ss(
+    lay: _Layout, beta: np.ndarray, b: np.ndarray, t: np.ndarray, zb: np.ndarray
+) -> np.ndarray:
+    r""":math:`\|y - X\beta - Zb\|^2` from the cross-products (C,).
+
+    ``t`` is :math:`Z_g^\top(y_g - X_g\beta)` and ``zb`` :math:`Z_g^\top Z_g b_g` (q,C,G).
+    """
     rss = (
-        d.yty
-        - 2.0 * np.einsum("cp,cp->c", beta, xty)
-        + np.einsum("cp,pr,cr->c", beta, d.xtx, beta)
-        - 2.0 * np.einsum("cgq,cgq->c", b, t)
-        + np.einsum("cgk,gkl,cgl->c", b, d.ztz, b)
+        lay.yty
+        - 2.0 * np.einsum("cp,cp->c", beta, lay.xty)
+        + np.einsum("cp,pr,cr->c", beta, lay.xtx, beta)
+        + np.einsum("kcg,kcg->c", b, zb - 2.0 * t)
     )
     # rounding can leave a tiny negative value when the fit is exact
     return np.maximum(rss, 1e-300)
 
 
-def scale_move(
+def _scale_move(
     rng: np.random.Generator,
-    d: _Data,
+    lay: _Layout,
     sigma2: np.ndarray,
     b: np.ndarray,
     t: np.ndarray,
@@ -422,11 +548,11 @@ def scale_move(
     ``moved`` (q,) bool marks the coefficients that move (others get s = 1);
     ``scale`` (q,) their :math:`A_k`, ``a`` (C,q) their auxiliaries.
     """
-    c, _, q = b.shape
+    q, c, _ = b.shape
     k = np.flatnonzero(moved)
     fixed = np.flatnonzero(~moved)
-    ww = np.einsum("cgk,gkl,cgl->ckl", b, d.ztz, b)
-    wr = np.einsum("cgk,cgk->ck", b, t)
+    ww = np.einsum("kcg,klg,lcg->ckl", b, lay.ztz, b)
+    wr = np.einsum("kcg,kcg->ck", b, t)
     lin = wr[:, k] - ww[:, k][:, :, fixed].sum(axis=2)
     prec = ww[:, k][:, :, k] / sigma2[:, None, None]
     idx = np.arange(k.size)
@@ -436,9 +562,9 @@ def scale_move(
     return s
 
 
-def shear_moves(
+def _shear_moves(
     rng: np.random.Generator,
-    d: _Data,
+    lay: _Layout,
     sigma2: np.ndarray,
     b: np.ndarray,
     t: np.ndarray,
@@ -446,7 +572,7 @@ def shear_moves(
     psi: np.ndarray,
     pairs: list[tuple[int, int]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The interweaving shear moves of the module docstring, step 5.
+    """The interweaving shear moves of the module docstring, step 5 (``b`` is (q,C,G)).
 
     ``psi`` (C,q,q) is each chain's inverse-Wishart scale (block diagonal: for a
     Huang-Wand block :math:`2\\nu\\,\\mathrm{diag}(1/a)`); ``pairs`` the ordered
@@ -455,18 +581,255 @@ def shear_moves(
     b, Sigma = b.copy(), Sigma.copy()
     for j, k in pairs:
         prec_cov = np.linalg.inv(Sigma)
-        bj = b[:, :, j].copy()
-        zb_k = np.einsum("gl,cgl->cg", d.ztz[:, k, :], b)
-        prec = np.einsum("cg,g->c", bj**2, d.ztz[:, k, k]) / sigma2
-        lin = np.einsum("cg,cg->c", bj, t[:, :, k] - zb_k) / sigma2
+        bj = b[j]
+        zb_k = np.einsum("lg,lcg->cg", lay.ztz[k], b)
+        prec = np.einsum("cg,g->c", bj * bj, lay.ztz[k, k]) / sigma2
+        lin = np.einsum("cg,cg->c", bj, t[k] - zb_k) / sigma2
         prec = prec + psi[:, j, j] * prec_cov[:, k, k]
         lin = lin + np.einsum("cl,cl->c", psi[:, j, :], prec_cov[:, :, k])
         c = lin / prec + rng.standard_normal(prec.shape) / np.sqrt(prec)
-        b[:, :, k] += c[:, None] * bj
+        b[k] += c[:, None] * bj
         # Sigma -> A Sigma A', A = I + c e_k e_j': row k += c row j, then column k += c column j
         Sigma[:, k, :] += c[:, None] * Sigma[:, j, :]
         Sigma[:, :, k] += c[:, None] * Sigma[:, :, j]
     return b, 0.5 * (Sigma + np.swapaxes(Sigma, 1, 2))
+
+
+def _log_marginal(
+    lay: _Layout,
+    n_obs: int,
+    sigma2: np.ndarray,
+    chol_s: np.ndarray,
+    beta_prec: np.ndarray,
+    beta_lin: np.ndarray,
+) -> np.ndarray:
+    r""":math:`\log p(y \mid \sigma^2, \Sigma)` up to a constant, :math:`(\beta, b)` integrated out.
+
+    ``sigma2`` (M, C) and ``chol_s`` (q, q, M, C), the Cholesky factor :math:`L`
+    of :math:`\Sigma` in the component-major layout: M points for each chain's
+    data. With :math:`K_g = L^\top Z_g^\top Z_g L + \sigma^2 I = CC^\top` (well
+    conditioned however close :math:`\Sigma` is to singular, unlike :math:`M_g`),
+    :math:`\log|V_g| = (n_g - q)\log\sigma^2 + \log|K_g|`, and with
+    :math:`U = C^{-1}L^\top[Z^\top X \mid Z^\top y]`,
+    :math:`X^\top V^{-1}X = (X^\top X - \sum_g U_x^\top U_x)/\sigma^2` and so on. The
+    normal (or flat) prior of :math:`\beta` is integrated with
+    :math:`Q = X^\top V^{-1}X + P_0`, :math:`h = X^\top V^{-1}y + P_0m_0`:
+
+    .. math::
+        -\tfrac12\big[\log|V| + \log|Q| + y^\top V^{-1}y - h^\top Q^{-1}h\big].
+    """
+    q, _, g = lay.zty.shape
+    p = lay.xtx.shape[0]
+    lo = chol_s[..., None]  # (q,q,M,C,1): L is lower triangular, so sums start at the diagonal
+    # K = L'(Z'Z)L + sigma^2 I and L'[Z'X | Z'y], entry by entry over (M, C, G)
+    zl = [[sum(lay.ztz[k, m] * lo[m, j] for m in range(j, q)) for j in range(q)] for k in range(q)]
+    k_mat = np.empty((q, q, *sigma2.shape, g))
+    for i in range(q):
+        for j in range(i + 1):
+            k_mat[i, j] = sum(lo[m, i] * zl[m][j] for m in range(i, q))
+            k_mat[j, i] = k_mat[i, j]
+        k_mat[i, i] += sigma2[..., None]
+    ltx = np.stack(
+        [[sum(lo[m, i] * lay.ztx[m, r] for m in range(i, q)) for r in range(p)] for i in range(q)]
+    )
+    lty = np.stack([sum(lo[m, i] * lay.zty[m] for m in range(i, q)) for i in range(q)])
+    chol = _cholesky(k_mat)  # (q,q,M,C,G)
+    ux = _solve_lower(chol[:, :, None], ltx)
+    uy = _solve_lower(chol, lty)
+    logdet_k = 2.0 * np.log(np.einsum("kk...->k...", chol)).sum(axis=(0, -1))
+    a = lay.xtx[..., None, None] - np.einsum("kpmcg,krmcg->prmc", ux, ux)
+    r = lay.xty.T[:, None] - np.einsum("kpmcg,kmcg->pmc", ux, uy)
+    # Q and h in the component-major layout (p,p,M,C), so that a point whose Q is not
+    # numerically positive definite gives NaN (weight 0) instead of an exception
+    cq = _cholesky(a / sigma2 + beta_prec[..., None, None])
+    v = _solve_lower(cq, r / sigma2 + beta_lin[:, None, None])
+    quad = (lay.yty - np.einsum("kmcg,kmcg->mc", uy, uy)) / sigma2 - np.einsum("imc,imc->mc", v, v)
+    logdet_q = 2.0 * np.log(np.einsum("ii...->i...", cq)).sum(axis=0)
+    return -0.5 * ((n_obs - g * q) * np.log(sigma2) + logdet_k + logdet_q + quad)
+
+
+@dataclass(frozen=True)
+class _Marginal:
+    """Coordinates of the marginal move: ``x = (log sigma^2, log-Cholesky entries of Sigma)``.
+
+    ``rows``/``cols`` index the lower-triangular entries of each block of Sigma's
+    Cholesky factor; ``diag`` marks the diagonal ones (stored as logs) and
+    ``jac`` their exponent in the Jacobian (below).
+    """
+
+    q: int
+    rows: np.ndarray
+    cols: np.ndarray
+    diag: np.ndarray
+    jac: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return 1 + self.rows.size
+
+
+def _marginal_coords(slices: list[slice], q: int) -> _Marginal:
+    rows, cols, jac = [], [], []
+    for sl in slices:
+        k = sl.stop - sl.start
+        for i in range(k):
+            for j in range(i + 1):
+                rows.append(sl.start + i)
+                cols.append(sl.start + j)
+                # |d Sigma / d L| = 2^k prod_i L_ii^(k - i), i = 0..k-1, times dL_ii/dl_i = L_ii
+                jac.append(float(k - i + 1) if i == j else 0.0)
+    rows_a, cols_a = np.asarray(rows), np.asarray(cols)
+    return _Marginal(q, rows_a, cols_a, rows_a == cols_a, np.asarray(jac))
+
+
+def _to_x(mc: _Marginal, sigma2: np.ndarray, Sigma: np.ndarray) -> np.ndarray:
+    """Coordinates (..., dim) of ``sigma2`` (...) and block-diagonal ``Sigma`` (..., q, q)."""
+    chol = np.linalg.cholesky(Sigma)
+    ent = chol[..., mc.rows, mc.cols]
+    ent = np.where(mc.diag, np.log(np.where(mc.diag, ent, 1.0)), ent)
+    return np.concatenate([np.log(sigma2)[..., None], ent], axis=-1)
+
+
+def _from_x(mc: _Marginal, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ent = np.where(mc.diag, np.exp(np.where(mc.diag, x[..., 1:], 0.0)), x[..., 1:])
+    chol = np.zeros((*x.shape[:-1], mc.q, mc.q))
+    chol[..., mc.rows, mc.cols] = ent
+    return np.exp(x[..., 0]), chol @ np.swapaxes(chol, -1, -2)
+
+
+def _log_prior_marginal(
+    priors: LmmPriors,
+    slices: list[slice],
+    sigma2: np.ndarray,
+    s_inv: np.ndarray,
+    log_sd: np.ndarray,
+) -> np.ndarray:
+    r"""Log prior density of :math:`(\sigma^2, \Sigma)` with the auxiliaries integrated out.
+
+    Half-Cauchy :math:`\sigma`: :math:`p(\sigma^2) \propto \sigma^{-1}(1 +
+    \sigma^2/A^2)^{-1}`. Huang & Wand (2013, eq. 2): :math:`p(\Sigma) \propto
+    |\Sigma|^{-(\nu + 2q)/2}\prod_k(\nu(\Sigma^{-1})_{kk} + 1/A_k^2)^{-(\nu+q)/2}`.
+    Inverse-Wishart and inverse-gamma blocks: their densities. ``s_inv`` is
+    :math:`\Sigma^{-1}`, ``log_sd`` (..., q) the logs of the diagonal of
+    :math:`\Sigma`'s Cholesky factor (so a block's :math:`\log|\Sigma|` is twice their sum).
+    """
+    if isinstance(priors.sigma, HalfCauchySigma):
+        out = -0.5 * np.log(sigma2) - np.log1p(sigma2 / priors.sigma.scale**2)
+    else:
+        out = -(priors.sigma.shape + 1.0) * np.log(sigma2) - priors.sigma.scale / sigma2
+    for blk, sl in zip(priors.blocks, slices, strict=True):
+        k = sl.stop - sl.start
+        logdet = 2.0 * log_sd[..., sl].sum(axis=-1)
+        inv = s_inv[..., sl, sl]
+        if isinstance(blk, HuangWand):
+            pdiag = np.diagonal(inv, axis1=-2, axis2=-1)
+            out = out - 0.5 * (blk.nu + 2 * k) * logdet
+            out = out - 0.5 * (blk.nu + k) * np.log(
+                blk.nu * pdiag + 1.0 / np.asarray(blk.scale) ** 2
+            ).sum(axis=-1)
+        elif isinstance(blk, InvWishart):
+            tr = np.einsum("ij,...ji->...", np.asarray(blk.psi), inv)
+            out = out - 0.5 * (blk.df + k + 1) * logdet - 0.5 * tr
+        else:
+            out = out - (blk.shape + 1.0) * logdet - blk.scale * inv[..., 0, 0]
+    return out
+
+
+def _log_target_x(
+    mc: _Marginal,
+    priors: LmmPriors,
+    slices: list[slice],
+    lay: _Layout,
+    n_obs: int,
+    x: np.ndarray,
+    beta_prec: np.ndarray,
+    beta_lin: np.ndarray,
+) -> np.ndarray:
+    r"""Log marginal posterior density of the coordinates ``x`` (M, C, dim), Jacobian included.
+
+    Points with a coordinate beyond :data:`_X_MAX` in absolute value (a variance
+    outside :math:`e^{\pm 200}`) get density 0: the move targets the posterior
+    truncated there, which differs from it by a mass no float64 sum can hold.
+    """
+    inside = np.all(np.abs(x) <= _X_MAX, axis=-1)
+    x = np.where(inside[..., None], x, 0.0)
+    ent = np.where(mc.diag, np.exp(np.where(mc.diag, x[..., 1:], 0.0)), x[..., 1:])
+    chol = np.zeros((mc.q, mc.q, *x.shape[:-1]))
+    chol[mc.rows, mc.cols] = np.moveaxis(ent, -1, 0)
+    chol_inv = _solve_lower(chol, np.eye(mc.q)[:, :, None, None])  # (q,q,M,C)
+    s_inv = np.einsum("kimc,kjmc->mcij", chol_inv, chol_inv)
+    log_sd = np.zeros((*x.shape[:-1], mc.q))
+    log_sd[..., mc.rows[mc.diag]] = x[..., 1:][..., mc.diag]
+    sigma2 = np.exp(x[..., 0])
+    jac = x[..., 0] + np.einsum("...d,d->...", x[..., 1:], mc.jac)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        out = (
+            _log_marginal(lay, n_obs, sigma2, chol, beta_prec, beta_lin)
+            + _log_prior_marginal(priors, slices, sigma2, s_inv, log_sd)
+            + jac
+        )
+    return np.where(np.isfinite(out) & inside, out, -np.inf)
+
+
+def _marginal_move(
+    rng: np.random.Generator,
+    mc: _Marginal,
+    priors: LmmPriors,
+    slices: list[slice],
+    lay: _Layout,
+    n_obs: int,
+    sigma2: np.ndarray,
+    Sigma: np.ndarray,
+    loc: np.ndarray,
+    chol: np.ndarray,
+    beta_prec: np.ndarray,
+    beta_lin: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Multiple-proposal independence update of :math:`(\sigma^2, \Sigma)` on their marginal.
+
+    Tjelmeland (2004), as in :func:`hierpipe.models.gibbs_twolevel.multi_proposal_update`:
+    :data:`_MP_M` points from a multivariate :math:`t_{\nu}` with location
+    ``loc`` (C, dim) and scale factor ``chol`` (C, dim, dim), fitted to the
+    chain's warm-up draws; the next state is one of the proposals or the
+    current point with probability proportional to target over proposal
+    density (a Gibbs step on the M + 1 points, so exact for any proposal).
+    """
+    c, dim = loc.shape
+    x0 = _to_x(mc, sigma2, Sigma)
+    z = rng.standard_normal((_MP_M, c, dim))
+    w = np.sqrt(rng.chisquare(_MP_DF, size=(_MP_M, c)) / _MP_DF)
+    xp = loc + np.einsum("cij,mcj->mci", chol, z) / w[..., None]
+    x = np.concatenate([x0[None], xp])
+    std = np.linalg.solve(chol, (x - loc).transpose(1, 2, 0)).transpose(2, 0, 1)
+    log_q = -0.5 * (_MP_DF + dim) * np.log1p(np.einsum("mci,mci->mc", std, std) / _MP_DF)
+    logw = _log_target_x(mc, priors, slices, lay, n_obs, x, beta_prec, beta_lin) - log_q
+    cw = np.cumsum(np.exp(logw - logw.max(axis=0)), axis=0)
+    u = rng.uniform(size=c)
+    idx = (cw < u * cw[-1]).sum(axis=0)
+    return _from_x(mc, x[idx, np.arange(c)])
+
+
+def _fit_proposal(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Location (C, dim) and scale factor (C, dim, dim) of the t proposal from draws (W, C, dim).
+
+    Mean and covariance of the draws, each SD floored at :data:`_MP_SD_FLOOR`.
+    """
+    loc = trace.mean(axis=0)
+    dev = trace - loc
+    cov = np.einsum("wci,wcj->cij", dev, dev) / max(trace.shape[0] - 1, 1)
+    cov += np.eye(trace.shape[2]) * _MP_SD_FLOOR**2
+    return loc, np.linalg.cholesky(cov)
+
+
+def _adapt_points(warmup: int) -> set[int]:
+    """Warm-up iterations after which the proposal is (re)fitted: 50, 100, 200, ... and the end."""
+    points, it = set(), _MP_START
+    while it < warmup:
+        points.add(it)
+        it *= 2
+    if warmup >= _MP_START:
+        points.add(warmup)
+    return points
 
 
 def _psi(priors: LmmPriors, slices: list[slice], a: np.ndarray) -> np.ndarray:
@@ -579,6 +942,11 @@ def sample_lmm(
             idx = range(sl.start, sl.stop)
             pairs += [(j, k) for j in idx for k in idx if j != k]
     sigma2, Sigma, a, lam = _initial(rng, d, c, priors)
+    lay = _layout(d, c)
+    mc = _marginal_coords(slices, q)
+    adapt = _adapt_points(settings.warmup) if settings.marginal else set()
+    trace = np.empty((settings.warmup, c, mc.dim)) if adapt else None
+    proposal = None
     n_keep = settings.draws
     out_beta = np.empty((c, n_keep, p))
     out_b = np.empty((c, n_keep, g, q))
@@ -586,9 +954,16 @@ def sample_lmm(
     out_Sigma = np.empty((c, n_keep, q, q))
     total = settings.warmup + settings.draws * settings.thin
     for it in range(total):
-        beta, b = draw_coefficients(rng, d, sigma2, Sigma, beta_prec, beta_lin)
-        t = residual_cross(d, beta)
-        rss = residual_ss(d, beta, b, t)
+        if proposal is not None:
+            sigma2, Sigma = _marginal_move(
+                rng, mc, priors, slices, lay, d.n_obs, sigma2, Sigma, *proposal, beta_prec, beta_lin
+            )
+            a = _draw_aux(rng, priors, slices, Sigma, a)
+            if isinstance(priors.sigma, HalfCauchySigma):
+                lam = inv_gamma(rng, 1.0, 1.0 / priors.sigma.scale**2 + 1.0 / sigma2)
+        beta, b = _draw_coefficients(rng, lay, sigma2, Sigma, beta_prec, beta_lin)
+        t = lay.zty - np.einsum("kpg,cp->kcg", lay.ztx, beta)  # Z'(y - X beta)
+        rss = _residual_ss(lay, beta, b, t, _zb(lay, b))
         if isinstance(priors.sigma, HalfCauchySigma):
             sigma2 = inv_gamma(rng, 0.5 * (d.n_obs + 1), 0.5 * rss + 1.0 / lam)
             lam = inv_gamma(rng, 1.0, 1.0 / priors.sigma.scale**2 + 1.0 / sigma2)
@@ -598,18 +973,41 @@ def sample_lmm(
             )
         Sigma, a = _draw_Sigma(rng, priors, slices, b, a, g)
         if moved.any():
-            s = scale_move(rng, d, sigma2, b, t, moved, scale, a)
-            b = b * s[:, None, :]
+            s = _scale_move(rng, lay, sigma2, b, t, moved, scale, a)
+            b = b * s.T[:, :, None]
             Sigma = Sigma * s[:, :, None] * s[:, None, :]
             a = a / s**2
         if pairs:
-            t = residual_cross(d, beta)
-            b, Sigma = shear_moves(rng, d, sigma2, b, t, Sigma, _psi(priors, slices, a), pairs)
+            b, Sigma = _shear_moves(rng, lay, sigma2, b, t, Sigma, _psi(priors, slices, a), pairs)
+        if trace is not None and it < settings.warmup:
+            trace[it] = _to_x(mc, sigma2, Sigma)
+            if it + 1 in adapt:
+                proposal = _fit_proposal(trace[(it + 1) // 2 : it + 1])
         k, rem = divmod(it - settings.warmup, settings.thin)
         if it >= settings.warmup and rem == settings.thin - 1:
-            out_beta[:, k], out_b[:, k], out_Sigma[:, k] = beta, b, Sigma
+            out_beta[:, k], out_Sigma[:, k] = beta, Sigma
+            out_b[:, k] = b.transpose(1, 2, 0)
             out_sigma[:, k] = np.sqrt(sigma2)
     return out_beta, out_b, out_sigma, out_Sigma
+
+
+def _draw_aux(
+    rng: np.random.Generator,
+    priors: LmmPriors,
+    slices: list[slice],
+    Sigma: np.ndarray,
+    a: np.ndarray,
+) -> np.ndarray:
+    """The Huang-Wand auxiliaries given Sigma (step 3's second half)."""
+    a = a.copy()
+    for blk, sl in zip(priors.blocks, slices, strict=True):
+        if isinstance(blk, HuangWand):
+            k = sl.stop - sl.start
+            prec_diag = np.diagonal(np.linalg.inv(Sigma[:, sl, sl]), axis1=1, axis2=2)
+            a[:, sl] = inv_gamma(
+                rng, 0.5 * (blk.nu + k), blk.nu * prec_diag + 1.0 / np.asarray(blk.scale) ** 2
+            )
+    return a
 
 
 def _draw_Sigma(
@@ -620,13 +1018,13 @@ def _draw_Sigma(
     a: np.ndarray,
     g: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Step 3: each block of Sigma given b (and the Huang-Wand auxiliaries a)."""
-    c, _, q = b.shape
+    """Step 3: each block of Sigma given ``b`` (q,C,G) (and the Huang-Wand auxiliaries a)."""
+    q, c, _ = b.shape
     Sigma = np.zeros((c, q, q))
     a = a.copy()
     for blk, sl in zip(priors.blocks, slices, strict=True):
-        bb = b[:, :, sl]
-        ss = np.einsum("cgk,cgl->ckl", bb, bb)
+        bb = b[sl]
+        ss = np.einsum("kcg,lcg->ckl", bb, bb)
         k = ss.shape[1]
         if isinstance(blk, HuangWand):
             nu = blk.nu
@@ -978,3 +1376,68 @@ def gibbs_lmm(data: LmmData, settings: dict[str, Any], rng: np.random.Generator)
         "warnings": [],
     }
     return FitResult(summary=summary, draws=table, info=info)
+
+
+def gibbs_lmm_batch(
+    n_obs: int,
+    xtx: np.ndarray,
+    ztz: np.ndarray,
+    ztx: np.ndarray,
+    xty: np.ndarray,
+    zty: np.ndarray,
+    yty: np.ndarray,
+    priors: LmmPriors,
+    settings: LmmGibbsSettings,
+    rng: np.random.Generator,
+) -> LmmDraws:
+    r"""Sample many data sets on one design at once, one a chain, from cross-products.
+
+    The model, priors and conditionals are those of the module docstring. The
+    design parts are shared; the response parts carry a leading axis of length
+    ``settings.chains`` (chain :math:`c` samples the posterior of data set
+    :math:`c`), as simulation-based calibration (:mod:`hierpipe.sbc.slopes`)
+    needs. Nothing is centred: :math:`\beta` is for the ``X`` given, so a
+    normal prior on :math:`\beta` is a prior on these coefficients.
+
+    Parameters
+    ----------
+    n_obs : number of observations :math:`N` (each data set).
+    xtx : (p, p) :math:`X^\top X`.
+    ztz : (G, q, q) :math:`Z_g^\top Z_g`.
+    ztx : (G, q, p) :math:`Z_g^\top X_g`.
+    xty : (C, p) :math:`X^\top y` per data set.
+    zty : (C, G, q) :math:`Z_g^\top y_g` per data set.
+    yty : (C,) :math:`y^\top y` per data set.
+    priors, settings, rng : as :func:`gibbs_lmm_stats`.
+
+    Returns
+    -------
+    LmmDraws
+        Chain :math:`c`'s draws belong to data set :math:`c`.
+    """
+    from hierpipe.models.suffstats_lmm import TermStats
+
+    c = settings.chains
+    g, q, p = np.shape(ztx)
+    if np.shape(zty) != (c, g, q) or np.shape(xty) != (c, p) or np.shape(yty) != (c,):
+        raise InputError(
+            f"gibbs_lmm_batch: response cross-products need a leading axis of {c} data sets: "
+            f"zty {np.shape(zty)}, xty {np.shape(xty)}, yty {np.shape(yty)}"
+        )
+    term = TermStats(
+        n=np.zeros(g, dtype=np.int64),  # not used by the sampler
+        ztz=np.asarray(ztz, float),
+        ztx=np.asarray(ztx, float),
+        zty=np.asarray(zty, float),
+    )
+    stats = LmmStats(
+        n_obs=int(n_obs),
+        xtx=np.asarray(xtx, float),
+        xty=np.asarray(xty, float),
+        yty=np.asarray(yty, float),  # type: ignore[arg-type]  # one a data set
+        terms=(term,),
+        intercept=None,
+        x_center=np.zeros(p),
+        y_center=0.0,
+    )
+    return gibbs_lmm_stats(stats, priors, settings, rng)
