@@ -18,12 +18,12 @@ from scipy import stats as sps
 from hierpipe.errors import ConfigError, InputError, MethodError
 from hierpipe.models import lmm
 from hierpipe.models.lmm import (
-    _canonical,
     _newton_polish,
     _Objective,
     _one_way_criterion,
     _one_way_derivative,
     _OneWay,
+    canonical_theta,
     criterion,
     criterion_gradient,
     fit_lmm,
@@ -492,18 +492,18 @@ def test_canonical_form_flips_columns_and_snaps_to_the_boundary():
     obj = _Objective(lmm_suffstats(X, Z, y, codes, g), True)
     # Negative diagonal: same Lambda Lambda', so the criterion is unchanged, diagonal >= 0.
     theta = np.array([-0.8, 0.3, -0.5])
-    canon, f, record = _canonical(obj, theta, obj.value(theta))
+    canon, f, record = canonical_theta(obj, theta, obj.value(theta))
     np.testing.assert_allclose(canon, [0.8, -0.3, 0.5], rtol=1e-15)
     assert not record["snapped"] and f == obj.value(canon)
     # A diagonal element below 1e-4 goes to 0 when the criterion rises < 1e-8 ...
     near = np.array([0.8, 0.3, 1e-7])
-    canon, f, record = _canonical(obj, near, obj.value(near))
+    canon, f, record = canonical_theta(obj, near, obj.value(near))
     assert record["snapped"] and canon[2] == 0.0 and canon[:2] == pytest.approx(near[:2])
     # ... and stays put when moving to the boundary would cost more.
     far = np.array([0.8, 0.3, 5e-5])
     rise = obj.value(np.array([0.8, 0.3, 0.0])) - obj.value(far)
     assert rise > 1e-8
-    canon, _, record = _canonical(obj, far, obj.value(far))
+    canon, _, record = canonical_theta(obj, far, obj.value(far))
     assert not record["snapped"] and record["criterion_change"] == pytest.approx(rise)
     np.testing.assert_array_equal(canon, far)
 

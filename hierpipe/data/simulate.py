@@ -179,8 +179,21 @@ def three_level(
     outcome: str = "score",
     prefix: str = "S",
     subprefix: str = "C",
+    b_slope: float = 0.0,
+    sd_slope: float = 0.0,
+    cor: float = 0.0,
+    predictor: str = "ses",
 ) -> Simulated:
     r"""Students in classrooms in schools, fitted by ``score ~ 1 + (1 | school/classroom)``.
+
+    With ``b_slope`` or ``sd_slope`` non-zero a student-level predictor
+    :math:`x \sim N(0, 1)` (column ``predictor``) enters with a school-varying slope,
+    :math:`y_{ski} = \mu + a_s + c_{sk} + (\beta_x + s_s)x_{ski} + e_{ski}`,
+    :math:`s_s \sim N(0, \sigma^2_{slope})` with correlation ``cor`` to :math:`a_s`
+    (``score ~ 1 + ses + (1 + ses | school) + (1 | school:classroom)``); the
+    truth then also holds ``b_``/``sd_``/``cor_`` and the slopes' ``r_``/``coef_``,
+    and no ICCs (with a varying slope a level's variance share depends on x). Its
+    draws come after all others, so the default data are unchanged.
 
     .. math::
         a_s \sim N(0, \sigma^2_{school}),\quad c_{sk} \sim N(0, \sigma^2_{classroom}),
@@ -212,6 +225,17 @@ def three_level(
     row_class = np.repeat(np.arange(class_school.size), size)
     row_school = class_school[row_class]
     y = mu + a[row_school] + c[row_class] + sigma * rng.standard_normal(row_class.size)
+    has_slope = b_slope != 0.0 or sd_slope != 0.0
+    if has_slope:
+        if sd_slope < 0 or not -1.0 <= cor <= 1.0 or predictor in (group, subgroup, outcome):
+            raise ConfigError(
+                "design parameters need sd_slope >= 0, -1 <= cor <= 1 and a predictor name "
+                "other than the group, subgroup and outcome columns"
+            )
+        z_a = a / sd_school if sd_school > 0 else np.zeros(schools)
+        s_slope = sd_slope * (cor * z_a + np.sqrt(1.0 - cor**2) * rng.standard_normal(schools))
+        x = rng.standard_normal(row_class.size)
+        y = y + (b_slope + s_slope[row_school]) * x
     data = pd.DataFrame(
         {
             group: pd.Series(np.asarray(school_labels, dtype=object)[row_school], dtype="string"),
@@ -221,6 +245,8 @@ def three_level(
             outcome: y,
         }
     )
+    if has_slope:
+        data.insert(2, predictor, x)
     nested = f"{group}:{subgroup}"
     class_labels = [
         f"{school_labels[s]}:{sub_labels[k]}"
@@ -243,6 +269,21 @@ def three_level(
     rows += [
         (f"coef_{nested}[{lab},Intercept]", mu + v) for lab, v in zip(class_labels, c, strict=True)
     ]
+    if has_slope:
+        rows = [r for r in rows if not r[0].startswith("icc_")]
+        rows += [
+            (f"b_{predictor}", b_slope),
+            (f"sd_{group}__{predictor}", sd_slope),
+            (f"cor_{group}__Intercept__{predictor}", cor),
+        ]
+        rows += [
+            (f"r_{group}[{lab},{predictor}]", v)
+            for lab, v in zip(school_labels, s_slope, strict=True)
+        ]
+        rows += [
+            (f"coef_{group}[{lab},{predictor}]", b_slope + v)
+            for lab, v in zip(school_labels, s_slope, strict=True)
+        ]
     truth = pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "float64"})
     return Simulated(data=data, truth=truth)
 

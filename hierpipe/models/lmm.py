@@ -83,7 +83,7 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 #: (an SD relative to sigma) below this counts as estimated at the boundary.
 SINGULAR_TOL = 1e-4
 #: 1 - |cor| below this counts as a correlation estimated at +-1. Boundary
-#: estimates are put exactly on the boundary (see ``_canonical``), where
+#: estimates are put exactly on the boundary (see ``canonical``), where
 #: |cor| = 1 to rounding.
 COR_TOL = 1e-6
 #: Largest rise of the criterion (-2 log-likelihood units) accepted when a
@@ -217,7 +217,7 @@ def check_block_sizes(q: int, block_sizes: Sequence[int] | None) -> tuple[int, .
     return sizes
 
 
-def _lower_index(q: int, block_sizes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lower_index(q: int, block_sizes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of the free entries of :math:`\\Lambda`, column by column.
 
     One block: the lower triangle (lme4's order). Several blocks: the lower
@@ -244,14 +244,14 @@ def theta_to_factor(
 ) -> np.ndarray:
     """The lower-triangular (block-diagonal) relative factor :math:`\\Lambda` from theta."""
     lam = np.zeros((q, q))
-    lam[_lower_index(q, block_sizes)] = theta
+    lam[lower_index(q, block_sizes)] = theta
     return lam
 
 
 def factor_to_theta(lam: np.ndarray, block_sizes: Sequence[int] | None = None) -> np.ndarray:
     """lme4's theta from a lower-triangular (block-diagonal) :math:`\\Lambda`."""
     lam = np.asarray(lam, dtype=np.float64)
-    return lam[_lower_index(lam.shape[0], block_sizes)].copy()
+    return lam[lower_index(lam.shape[0], block_sizes)].copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ class _Objective:
         self.reml = reml
         self.q = stats.terms[0].q
         self.block_sizes = check_block_sizes(self.q, block_sizes)
-        self.index = _lower_index(self.q, self.block_sizes)
+        self.index = lower_index(self.q, self.block_sizes)
         self.n_evaluations = 0
 
     def to_factor(self, theta: np.ndarray) -> np.ndarray:
@@ -558,7 +558,7 @@ def _newton_polish(
     return theta, f, record
 
 
-def _semidefinite_cholesky(s: np.ndarray) -> np.ndarray:
+def semidefinite_cholesky(s: np.ndarray) -> np.ndarray:
     """Lower factor of a positive semidefinite matrix, a zero column wherever a pivot is ~0."""
     q = s.shape[0]
     lam = np.zeros((q, q))
@@ -572,7 +572,7 @@ def _semidefinite_cholesky(s: np.ndarray) -> np.ndarray:
     return lam
 
 
-def _canonical(
+def canonical_theta(
     obj: _Objective, theta: np.ndarray, f: float
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
     """lme4's form of the optimum: diagonal >= 0, and near-boundary values put on the boundary.
@@ -596,7 +596,7 @@ def _canonical(
     snap[small_row, :] = 0.0
     snap[np.diag_indices(obj.q)] = np.where(small_diag, 0.0, np.diag(snap))
     # The semidefinite Cholesky factor of a block-diagonal matrix is block diagonal.
-    snap_theta = obj.to_theta(_semidefinite_cholesky(snap @ snap.T))
+    snap_theta = obj.to_theta(semidefinite_cholesky(snap @ snap.T))
     f_snap = obj.value(snap_theta)
     record["criterion_change"] = f_snap - f
     if f_snap <= f + SNAP_TOL:
@@ -650,7 +650,7 @@ def _run_attempt(
     theta = np.asarray(res.x, dtype=np.float64)
     f = obj.value(theta)
     theta, f, polish = _newton_polish(obj, theta, f)
-    theta, f, canonical = _canonical(obj, theta, f)
+    theta, f, canonical = canonical_theta(obj, theta, f)
     record = {
         "optimizer": optimizer,
         "start": start.tolist(),
@@ -698,7 +698,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _boundary_flags(
+def boundary_flags(
     lam: np.ndarray, cor: np.ndarray, group: str, coef_names: Sequence[str]
 ) -> tuple[tuple[str, ...], bool]:
     """brms-named boundary flags and lme4's ``isSingular`` from the relative factor."""
@@ -780,7 +780,7 @@ def _assemble(
     quad = dec.r2 / sigma2
     deviance = n * (LOG_2PI + np.log(sigma2)) + dec.logdet_l + quad
     reml_crit = (n - p) * (LOG_2PI + np.log(sigma2)) + dec.logdet_l + dec.logdet_rx + quad
-    flags, singular = _boundary_flags(lam, cor, group, coef_names)
+    flags, singular = boundary_flags(lam, cor, group, coef_names)
     return LmmFit(
         method=method,
         fixed_names=fixed_names,

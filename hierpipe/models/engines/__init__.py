@@ -76,6 +76,9 @@ ENGINES = {
 
 def engine_for(structure: Structure, formula_text: str) -> ModuleType:
     """The engine module of ``structure``; a clear error when none fits it yet."""
+    if structure.kind == "multilevel" and _has_slopes(formula_text):
+        # Nested factors with varying slopes (crossed ones are refused in its prepare).
+        return importlib.import_module("hierpipe.models.engines.nested_slopes")
     try:
         return importlib.import_module(ENGINES[structure.kind])
     except KeyError:
@@ -83,6 +86,12 @@ def engine_for(structure: Structure, formula_text: str) -> ModuleType:
             f"formula '{formula_text}': {structure.kind.replace('_', '-')} models are not "
             "fitted by this version (supported: 'y ~ 1 + (1 | g)')"
         ) from None
+
+
+def _has_slopes(formula_text: str) -> bool:
+    from hierpipe.formula import parse_formula
+
+    return any(t.terms or not t.intercept for t in parse_formula(formula_text).random)
 
 
 def check_method(engine: ModuleType, structure: Structure, method: str, formula_text: str) -> None:

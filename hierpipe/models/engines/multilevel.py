@@ -2,8 +2,9 @@ r"""Engine of varying intercepts on several grouping factors, nested or crossed.
 
 Formulas such as ``score ~ 1 + (1 | school/classroom)``, ``(1 | a/b/c)``,
 ``y ~ 1 + x + (1 | student) + (1 | teacher)``: fixed effects of any kind, and a
-varying intercept on each factor (varying slopes with several factors are not
-fitted by this version). The data are reduced once to per-cell statistics
+varying intercept on each factor (nested factors with varying slopes are routed to
+:mod:`hierpipe.models.engines.nested_slopes`; crossed ones are refused). The data
+are reduced once to per-cell statistics
 (:class:`~hierpipe.models.variance_components.CellStats`); nested factors are
 evaluated by the recursion of :mod:`hierpipe.models.nested_reml`, all others
 by the block elimination of :mod:`hierpipe.models.crossed_reml`.
