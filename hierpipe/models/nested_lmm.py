@@ -48,7 +48,7 @@ likelihoods are sums of the same per-group terms (:func:`log_marginal`).
 Optimisation: L-BFGS-B over :math:`\theta` (unbounded; the criterion depends on
 :math:`\Lambda` only through :math:`\Lambda\Lambda^\top`) with a central-difference
 gradient, Newton steps on a finite-difference Hessian, then lme4's canonical form
-(:func:`hierpipe.models.lmm.canonical`: diagonal :math:`\ge 0`, near-zero SDs put
+(:func:`hierpipe.models.lmm.canonical_theta`: diagonal :math:`\ge 0`, near-zero SDs put
 on the boundary when the criterion allows) and lme4-style convergence checks.
 """
 
