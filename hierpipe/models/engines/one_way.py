@@ -44,7 +44,7 @@ def group_labels(stats: GroupStats) -> tuple[str, ...]:
     return stats.labels
 
 
-GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "store_group_draws")
+GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "store_group_draws", "scheme", "backend")
 
 
 def _check_settings(method: str, settings: dict[str, Any]) -> None:
