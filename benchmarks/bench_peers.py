@@ -4,7 +4,8 @@ Run from the repository root (the ``bench`` extra installs the peers)::
 
     pip install -e '.[bench]'
     python benchmarks/bench_peers.py [--sets a,b,c,d,N1,C1,N2,C2] [--peers pymc,nutpie]
-        [--timeout 300] [--peer-chains 2] [--chains 4] [--warmup 1000] [--draws 1000]
+        [--timeout 300] [--peer-chains 4] [--chains 4] [--warmup 1000] [--draws 1000]
+        [--backends numpy,numba]
 
 Data sets, built here with fixed seeds: (a)-(d) of issue 3 exactly as
 ``bench_reml.py`` builds them ((a) the default ``schools`` study 30 x 50; (b)
@@ -16,7 +17,11 @@ hierpipe: ``fit_table(..., "gibbs")``, i.e. what ``hierpipe fit --fit gibbs``
 computes in-process (design, statistics, sampler, the full summary with every
 ``r_``/``coef_`` row, predictions), with its default sampler and priors,
 ``--chains`` chains (vectorised, one core). *sampling* is the sampler call alone
-(timed by wrapping it), *whole* the whole fit.
+(timed by wrapping it), *whole* the whole fit. One row a back end in
+``--backends`` that the structure's sampler has: ``numpy`` (what ``pip install
+-e .`` gives) and ``numba`` (the ``fast`` extra; timed on a second call, after a
+short first call has compiled the kernels into numba's on-disk cache, so its
+*whole* leaves the one-off compilation out).
 
 Peers, each in its own process (so ``--timeout`` can stop it), on the
 observation-level model a user writes, ``--peer-chains`` chains run one after
@@ -39,7 +44,8 @@ for NUTS.
 ESS: the minimum over bulk and tail ESS (ArviZ for the peers, the same
 estimators in hierpipe's summary) over every ``b_*``, ``sd_*`` and ``sigma``;
 *min ESS/s* divides it by the sampling or the whole time. *ratio* is hierpipe's
-min ESS/s over the peer's, sampling against sampling and whole against whole.
+min ESS/s over the peer's, sampling against sampling and whole against whole,
+one a hierpipe back end.
 ``uptime`` load averages are printed with every set.
 """
 
@@ -60,6 +66,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from hierpipe.errors import ConfigError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,7 +101,9 @@ def load_sets(keys: list[str]) -> dict[str, tuple[str, str, pd.DataFrame]]:
 # --------------------------------------------------------------------------- hierpipe
 
 
-def run_hierpipe(formula: str, df: pd.DataFrame, chains: int, warmup: int, draws: int) -> dict:
+def run_hierpipe(
+    formula: str, df: pd.DataFrame, chains: int, warmup: int, draws: int, backend: str = "numpy"
+) -> dict:
     import hierpipe.models.gibbs_lmm as gl
     import hierpipe.models.gibbs_multilevel as gm
     import hierpipe.models.gibbs_twolevel as gt
@@ -123,7 +133,8 @@ def run_hierpipe(formula: str, df: pd.DataFrame, chains: int, warmup: int, draws
             df,
             formula,
             "gibbs",
-            settings={"chains": chains, "warmup": warmup, "draws": draws},
+            settings={"chains": chains, "warmup": warmup, "draws": draws}
+            | ({} if backend == "numpy" else {"backend": backend}),
             rng=np.random.default_rng(20261124),
             source="bench",
         )
@@ -308,7 +319,12 @@ def main() -> None:
     ap.add_argument("--peers", default="pymc,nutpie")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds a peer may take")
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--peer-chains", type=int, default=2)
+    ap.add_argument("--peer-chains", type=int, default=4)
+    ap.add_argument(
+        "--backends",
+        default="numpy,numba",
+        help="hierpipe back ends (numba: the `fast` extra; a sampler without one skips it)",
+    )
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -336,13 +352,22 @@ def main() -> None:
             print(f"\n({key}) {title}: {formula}, {len(df):,} rows; {load()}", flush=True)
             print(header)
             print("|---" * 9 + "|")
-            h = run_hierpipe(formula, df, args.chains, args.warmup, args.draws)
-            print(
-                f"| {key} | hierpipe gibbs | {h['sampling']:.2f} | {h['whole']:.2f} | "
-                f"{h['min_ess']:,.0f} ({h['worst']}) | {fmt_rate(h['min_ess'], h['sampling'])} | "
-                f"{fmt_rate(h['min_ess'], h['whole'])} | 1 | {h['max_rhat']:.3f} |",
-                flush=True,
-            )
+            ours = {}
+            for backend in [b for b in args.backends.split(",") if b]:
+                try:
+                    if backend != "numpy":  # first call compiles (cached on disk); time the next
+                        run_hierpipe(formula, df, args.chains, 10, 10, backend)
+                    h = run_hierpipe(formula, df, args.chains, args.warmup, args.draws, backend)
+                except ConfigError:
+                    continue  # this structure's sampler has no such back end
+                ours[backend] = h
+                print(
+                    f"| {key} | hierpipe gibbs ({backend}) | {h['sampling']:.2f} | "
+                    f"{h['whole']:.2f} | {h['min_ess']:,.0f} ({h['worst']}) | "
+                    f"{fmt_rate(h['min_ess'], h['sampling'])} | "
+                    f"{fmt_rate(h['min_ess'], h['whole'])} | 1 | {h['max_rhat']:.3f} |",
+                    flush=True,
+                )
             path = Path(tmp) / f"{key}.parquet"
             df.to_parquet(path)
             for peer in peers:
@@ -351,12 +376,15 @@ def main() -> None:
                 if "status" in r:
                     print(f"| {key} | {name} | – | – | {r['status']} | – | – | – | – |", flush=True)
                     continue
-                rs = (h["min_ess"] / h["sampling"]) / (r["min_ess"] / r["sampling"])
-                rw = (h["min_ess"] / h["whole"]) / (r["min_ess"] / r["whole"])
+                ratios = []
+                for backend, h in ours.items():
+                    rs = (h["min_ess"] / h["sampling"]) / (r["min_ess"] / r["sampling"])
+                    rw = (h["min_ess"] / h["whole"]) / (r["min_ess"] / r["whole"])
+                    ratios.append(f"{backend} {rs:,.1f}x / {rw:,.1f}x")
                 print(
                     f"| {key} | {name} | {r['sampling']:.2f} | {r['whole']:.2f} | "
                     f"{r['min_ess']:,.0f} | {fmt_rate(r['min_ess'], r['sampling'])} | "
-                    f"{fmt_rate(r['min_ess'], r['whole'])} | {rs:,.1f}x / {rw:,.1f}x | "
+                    f"{fmt_rate(r['min_ess'], r['whole'])} | {'; '.join(ratios)} | "
                     f"{r['max_rhat']:.3f} |",
                     flush=True,
                 )
