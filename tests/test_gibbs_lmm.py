@@ -390,6 +390,168 @@ def test_same_seed_same_draws_other_seed_other_draws():
         assert not np.array_equal(getattr(one, f), getattr(three, f))
 
 
+# --------------------------------------------------------------------------- numba back end
+
+BACKEND_CASES = {
+    "huang_wand": gl.LmmPriors(gl.FlatBeta(), (gl.HuangWand((1.0, 2.0)),), gl.HalfCauchySigma(1.0)),
+    "inv_wishart": gl.LmmPriors(
+        gl.NormalBeta((0.0, 0.0), (10.0, 10.0)),
+        (gl.InvWishart(3.0, ((2.0, 0.1), (0.1, 1.0))),),
+        gl.InvGamma(2.0, 1.0),
+    ),
+    "two_blocks": gl.LmmPriors(
+        gl.FlatBeta(),
+        (gl.HuangWand((1.0,), nu=1.0), gl.InvGamma(1.0, 0.5)),
+        gl.HalfCauchySigma(2.0),
+    ),
+}
+
+
+def _run_backends(run):
+    """The same sampler call on both back ends, same seed."""
+    return run("numpy"), run("numba")
+
+
+def _assert_same_draws(one, two):
+    # The back ends consume the same variates and differ only in the rounding of the
+    # small dense inverses and solves numpy leaves to LAPACK (about 1e-16 relative an
+    # operation); a Gibbs step is a smooth map of its variates, so over these ~200
+    # iterations the draws measured 1e-13 apart. 1e-10 leaves room for other BLAS and
+    # CPUs, while a wrong formula or a variate read out of order differs by O(1).
+    for f in ("beta", "b", "sigma", "Sigma"):
+        np.testing.assert_allclose(getattr(one, f), getattr(two, f), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", list(BACKEND_CASES))
+def test_numba_backend_gives_the_numpy_draws(case):
+    """Marginal move (after warm-up iteration 50), scale and shear moves, every prior family."""
+    pytest.importorskip("numba")
+    X, codes, y = slopes_data(1, 12, 4, [1.0, 0.5], np.array([[1.0, 0.3], [0.3, 0.5]]), 1.0)
+    stats = lmm_suffstats(X, X, y, codes, 12)
+
+    def run(backend):
+        st = gl.LmmGibbsSettings(chains=3, warmup=120, draws=40, thin=2, backend=backend)
+        return gl.gibbs_lmm_stats(stats, BACKEND_CASES[case], st, np.random.default_rng(4))
+
+    one, two = _run_backends(run)
+    assert (one.settings.backend, two.settings.backend) == ("numpy", "numba")
+    _assert_same_draws(one, two)
+
+
+def test_numba_backend_gives_the_numpy_draws_batch_three_coefficients():
+    """gibbs_lmm_batch (one data set a chain) with a 3 x 3 block: 6 shear pairs."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(8)
+    G, n, C = 9, 5, 3
+    x = rng.standard_normal((G, n, 2))
+    Z = np.concatenate([np.ones((G, n, 1)), x], axis=2)  # (G, n, 3), X = Z
+    y = rng.standard_normal((C, G, n)) + Z[..., 1] + 0.5 * rng.standard_normal((C, G, 1))
+    ztz = np.einsum("gnk,gnl->gkl", Z, Z)
+    args = (
+        G * n,
+        ztz.sum(axis=0),
+        ztz,
+        ztz.copy(),
+        np.einsum("gnk,cgn->ck", Z, y),
+        np.einsum("gnk,cgn->cgk", Z, y),
+        np.einsum("cgn,cgn->c", y, y),
+    )
+    priors = gl.LmmPriors(gl.FlatBeta(), (gl.HuangWand((1.0, 1.0, 2.0)),), gl.HalfCauchySigma(1.0))
+
+    def run(backend):
+        st = gl.LmmGibbsSettings(chains=C, warmup=100, draws=30, backend=backend)
+        return gl.gibbs_lmm_batch(*args, priors, st, np.random.default_rng(2))
+
+    _assert_same_draws(*_run_backends(run))
+
+
+def test_numba_log_target_is_the_numpy_one_and_has_its_region():
+    """The marginal move's log target at 600 points, with and beyond its region of validity."""
+    pytest.importorskip("numba")
+    from hierpipe.models import gibbs_lmm_numba as nb
+
+    X, codes, y = slopes_data(2, 8, 5, [1.0, 0.5], np.array([[4.0, 1.0], [1.0, 1.0]]), 1.0)
+    stats = lmm_suffstats(X, X, y, codes, 8)
+    d = gl._data(stats)
+    priors = BACKEND_CASES["huang_wand"]
+    slices = gl.block_slices(gl._sizes(priors))
+    mc = gl._marginal_coords(slices, 2)
+    r = np.random.default_rng(0)
+    # log sigma^2, log L_00, L_10, log L_11: the bulk, then points so far out that the
+    # ratio max_g tr(Sigma Z'Z) / sigma^2 exceeds _K_COND_MAX, or a coordinate exceeds _X_MAX
+    x = np.vstack(
+        [
+            r.normal([0.0, 0.5, 0.5, 0.0], 1.0, (300, 4)),
+            np.column_stack([r.uniform(-80, 0, 300), r.uniform(-5, 45, 300), r.normal(0, 5, 300),
+                             r.uniform(-250, 6, 300)]),
+        ]
+    )  # fmt: skip
+    zero = np.zeros(2)
+    lay = gl._layout(d, 1)
+    want = gl._log_target_x(mc, priors, slices, lay, d.n_obs, x[:, None], np.zeros((2, 2)), zero)
+    want = want[:, 0]
+    plan = gl._plan(priors, slices, 2)
+    g, q, p = d.shape
+    cm = [
+        np.ascontiguousarray(v)
+        for v in (d.ztz.transpose(1, 2, 0), d.ztx.transpose(1, 2, 0), d.zty.T)
+    ]
+    work = (np.empty((3, q, q, g)), np.empty((2, q, p, g)), np.empty((3, q, g)))
+    got = np.array([
+        nb._log_target(
+            xi, *cm, *work, d.xtx, d.xty, float(d.yty), float(d.n_obs), np.zeros((2, 2)), zero,
+            mc.rows.astype(np.int64), mc.cols.astype(np.int64), mc.diag, mc.jac, plan.sig_hc,
+            plan.sig_par, plan.blk_start, plan.blk_size, plan.blk_type, plan.blk_par,
+            plan.blk_scale, plan.inv_a2, plan.psi_iw, gl._X_MAX, gl._K_COND_MAX,
+        )
+        for xi in x
+    ])  # fmt: skip
+    # both sides of the region are represented, and the two agree on which side each point is
+    assert 100 < np.isfinite(want).sum() < 550
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    # Within the region the two evaluate the same formula, with the same operation order
+    # per group except in numpy's sums over groups and its LAPACK solves: measured at most
+    # 3e-15 relative, even at ratios near the region's edge where the cancellations are
+    # largest; 1e-10 leaves room for other CPUs while a wrong term is off by O(1).
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-10)
+
+
+def test_numba_backend_from_the_config_reaches_the_sampler():
+    """``gibbs.backend: numba`` in a study runs the kernel and fit.json records it."""
+    pytest.importorskip("numba")
+    sim = simulate("slopes", np.random.default_rng(3), groups=8, size=5)
+    res = fit_table(
+        sim.data,
+        "score ~ 1 + ses + (1 + ses | school)",
+        "gibbs",
+        settings={"backend": "numba", "chains": 2, "warmup": 10, "draws": 10},
+        rng=np.random.default_rng(0),
+        source="t",
+    )
+    assert res.info["settings"]["backend"] == "numba"
+
+
+def test_backend_setting_without_numba(monkeypatch):
+    """numba asked for but absent: a config error; "auto" falls back to numpy and says so."""
+    X, codes, y = slopes_data(1, 6, 3, [1.0, 0.5], np.diag([1.0, 0.3]), 1.0)
+    stats = lmm_suffstats(X, X, y, codes, 6)
+    priors = BACKEND_CASES["huang_wand"]
+    monkeypatch.setitem(__import__("sys").modules, "numba", None)
+    assert not gl.numba_available()
+    st = gl.LmmGibbsSettings(chains=1, warmup=5, draws=10, backend="numba")
+    with pytest.raises(ConfigError, match="numba"):
+        gl.gibbs_lmm_stats(stats, priors, st, np.random.default_rng(0))
+    auto = gl.gibbs_lmm_stats(
+        stats, priors, gl.LmmGibbsSettings(1, 5, 10, backend="auto"), np.random.default_rng(0)
+    )
+    assert auto.info()["settings"]["backend"] == "numpy"
+    with pytest.raises(ConfigError, match="backend"):
+        gl.settings_from_config({"backend": "jax"})
+    assert gl.settings_from_config({}).backend == "numpy"
+    assert gl.settings_from_config({"backend": "numba"}).backend == "numba"
+
+
 # --------------------------------------------------------------------------- config errors
 
 
