@@ -232,7 +232,9 @@ def three_level(
                 "design parameters need sd_slope >= 0, -1 <= cor <= 1 and a predictor name "
                 "other than the group, subgroup and outcome columns"
             )
-        z_a = a / sd_school if sd_school > 0 else np.zeros(schools)
+        # Without school intercepts the correlation is moot; a standard normal in
+        # place of a/sd_school keeps the slopes' SD at sd_slope whatever cor is.
+        z_a = a / sd_school if sd_school > 0 else rng.standard_normal(schools)
         s_slope = sd_slope * (cor * z_a + np.sqrt(1.0 - cor**2) * rng.standard_normal(schools))
         x = rng.standard_normal(row_class.size)
         y = y + (b_slope + s_slope[row_school]) * x

@@ -72,10 +72,15 @@ def prepare(design: Any, structure: Structure) -> NestedStats:
         terms[rd.name].append(rd)
     n = design.n_obs
     for f in names:
-        if terms[f][0].n_groups >= n:
+        # lme4's check.nobs.vs.nRE: a factor's random effects (groups x varying
+        # coefficients) must be fewer than the rows, or sigma is not identified.
+        q_f = sum(rd.Z.shape[1] for rd in terms[f])
+        n_re = terms[f][0].n_groups * q_f
+        if n_re >= n:
             raise InputError(
-                f"{design.source}: grouping factor '{f}' has {terms[f][0].n_groups} groups for "
-                f"{n} rows; its variance cannot be told apart from sigma (as lme4 refuses)"
+                f"{design.source}: grouping factor '{f}' has {terms[f][0].n_groups} groups x "
+                f"{q_f} varying coefficients = {n_re} random effects for {n} rows; its "
+                "variance cannot be told apart from sigma (as lme4 refuses)"
             )
     if design.y.min() == design.y.max():
         raise InputError(
@@ -202,7 +207,9 @@ def eb_result(st: NestedStats, method: str) -> FitResult:
             for lab, m, s in zip(top.labels, modes[:, k], r_sd[:, k], strict=True)
         ]
     for k, c in enumerate(top.coef_names):
-        a = -grad[:, k, :]
+        # d(beta_k + b_jk(beta))/d(beta) = e_k + grad: the prediction error of coef_
+        # (Henderson's C matrix, as the one-factor engine's coef_estimates).
+        a = grad[:, k, :].copy()
         b0 = 0.0
         if c in fixed:
             a[:, fixed[c]] += 1.0
