@@ -47,6 +47,18 @@ benchmark, where Metropolis gives more ESS per second).
 (half-Cauchy through the auxiliary-variable representation of Makalic &
 Schmidt 2016). Each iteration is :math:`O(\text{cells})`.
 
+Back ends (``MultilevelSettings.backend``, collapsed scheme only)
+-----------------------------------------------------------------
+``"numpy"`` (default) is the code here. ``"numba"`` (the ``fast`` extra;
+:mod:`hierpipe.models.gibbs_multilevel_numba`) runs an iteration's Metropolis
+steps for every chain in one compiled call, and the draw of :math:`\beta` and
+the effects in another, on random numbers drawn by numpy beforehand in exactly
+this loop's order (:func:`_step_variates`, :func:`_draw_variates`), so the two
+back ends' draws agree to rounding (about 1e-14; the adaptation stays in
+numpy). On small data the numpy iteration is almost all per-call overhead;
+see ``benchmarks/README.md`` for the speed-ups. ``"auto"`` takes numba when it
+is installed. The slice and plain schemes run on numpy whatever the setting.
+
 References
 ----------
 Neal, R. M. (2003). Slice sampling. *Ann. Statist.* 31(3), 705-767.
@@ -60,13 +72,19 @@ estimator. *IEEE Signal Process. Lett.* 23(1), 179-182.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from hierpipe.errors import ConfigError
-from hierpipe.models.gibbs_twolevel import Flat, HalfCauchy, InvGamma, Normal
+from hierpipe.models.gibbs_twolevel import (
+    Flat,
+    HalfCauchy,
+    InvGamma,
+    Normal,
+    numba_available,
+)
 from hierpipe.models.variance_components import CellStats, Evaluator
 
 Scheme = Literal["collapsed", "slice", "plain"]
@@ -106,6 +124,11 @@ class MultilevelSettings:
     thin: int = 1
     scheme: Scheme = "collapsed"
     steps: int = 5
+    #: ``"numpy"`` (default), ``"numba"`` (the ``fast`` extra; the collapsed
+    #: scheme's iteration in compiled code, same random numbers and draws equal
+    #: to rounding) or ``"auto"`` (numba when installed). The slice and plain
+    #: schemes always run on numpy (and record ``"numpy"``).
+    backend: str = "numpy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +299,50 @@ def _initial(stats: CellStats, chains: int, rng: np.random.Generator) -> np.ndar
     return base[:, None] + rng.normal(0.0, 0.5, size=(chains, stats.K + 1))
 
 
+def _step_variates(
+    rng: np.random.Generator, steps: int, C: int, d: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """An iteration's Metropolis variates for the numba kernel, in the numpy loop's order."""
+    z = np.empty((steps, C, d))
+    logu = np.empty((steps, C))
+    for s in range(steps):
+        z[s] = rng.standard_normal((C, d, 1))[..., 0]
+        logu[s] = np.log(rng.uniform(size=C))
+    return z, logu
+
+
+def _draw_variates(
+    rng: np.random.Generator, C: int, p: int, shapes: list[tuple[int, ...]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normals of ``draw_beta`` then of the evaluator's ``draw``, in their order.
+
+    ``shapes`` are the evaluator's draw calls without the chain axis (nested:
+    one a level from the top; crossed: the Schur block's, then the eliminated
+    factor's); they are laid end to end a chain.
+    """
+    zb = rng.standard_normal((C, p)) if p else np.zeros((C, 0))
+    noise = [rng.standard_normal((C, *shape)).reshape(C, -1) for shape in shapes]
+    return zb, np.ascontiguousarray(np.concatenate(noise, axis=1))
+
+
+def _resolve_backend(backend: str, scheme: str) -> str:
+    """``"numpy"`` or ``"numba"`` for a setting (``"auto"``: numba when installed)."""
+    if backend not in ("numpy", "numba", "auto"):
+        raise ConfigError(
+            f"gibbs_multilevel: backend must be 'numpy', 'numba' or 'auto', got {backend!r}"
+        )
+    if scheme != "collapsed" or backend == "numpy":
+        return "numpy"
+    if not numba_available():
+        if backend == "auto":
+            return "numpy"
+        raise ConfigError(
+            "gibbs_multilevel: backend 'numba' needs the numba package (the 'fast' extra); "
+            "install it or use backend 'numpy'"
+        )
+    return "numba"
+
+
 def _rwm(
     ev: Evaluator,
     priors: MultilevelPriors,
@@ -306,18 +373,28 @@ def _rwm(
     accepted = 0.0
     steps = settings.steps
     sums = st.sums
+    fast = None
+    if settings.backend == "numba":
+        from hierpipe.models.gibbs_multilevel_numba import Collapsed
+
+        fast = Collapsed(ev, marg.prec, marg.mean, marg.n, priors)
+        u, lp, acc_box = np.ascontiguousarray(u), np.ascontiguousarray(lp), np.zeros(1)
     for it in range(total):
-        for _ in range(steps):
-            z = rng.standard_normal((C, d, 1))
-            prop = u + np.exp(log_lam)[:, None] * (chol @ z)[..., 0]
-            lp_prop = marg.logp(prop)
-            acc = np.log(rng.uniform(size=C)) < lp_prop - lp
-            u = np.where(acc[:, None], prop, u)
-            lp = np.where(acc, lp_prop, lp)
-            if it < settings.warmup:
-                log_lam += (acc - 0.3) / (it + 1.0) ** 0.6
-            else:
-                accepted += acc.mean()
+        if fast is not None:
+            z, logu = _step_variates(rng, steps, C, d)
+            fast.metropolis(u, lp, chol, log_lam, z, logu, it < settings.warmup, it, acc_box)
+        else:
+            for _ in range(steps):
+                z = rng.standard_normal((C, d, 1))
+                prop = u + np.exp(log_lam)[:, None] * (chol @ z)[..., 0]
+                lp_prop = marg.logp(prop)
+                acc = np.log(rng.uniform(size=C)) < lp_prop - lp
+                u = np.where(acc[:, None], prop, u)
+                lp = np.where(acc, lp_prop, lp)
+                if it < settings.warmup:
+                    log_lam += (acc - 0.3) / (it + 1.0) ** 0.6
+                else:
+                    accepted += acc.mean()
         if it < settings.warmup:
             history[:, it] = u
             if it + 1 == adapt_at:
@@ -336,12 +413,17 @@ def _rwm(
         if k % settings.thin:
             continue
         j = k // settings.thin
-        beta, theta2 = marg.draw_beta(u, rng)
-        effects = ev.draw(theta2, np.exp(u[:, -1]), residual_sums(sums, beta), rng)
+        if fast is not None:
+            beta, effects = fast.draw(u, *_draw_variates(rng, C, st.p, fast.noise_shapes))
+        else:
+            beta, theta2 = marg.draw_beta(u, rng)
+            effects = ev.draw(theta2, np.exp(u[:, -1]), residual_sums(sums, beta), rng)
         keep_u[:, j] = u
         keep_b[:, j] = beta
         for f in range(K):
             keep_r[f][:, j] = effects[f]
+    if fast is not None:
+        accepted = float(acc_box[0])
     n_kept = max(total - settings.warmup, 1) * steps
     stats = {"acceptance_rate": float(accepted / n_kept), "metropolis_steps_per_iteration": steps}
     return keep_u, keep_b, keep_r, stats
@@ -500,6 +582,7 @@ def gibbs_multilevel(
     run = {"collapsed": _rwm, "slice": _slice, "plain": _plain}.get(settings.scheme)
     if run is None:
         raise ConfigError(f"unknown gibbs scheme '{settings.scheme}' (collapsed or plain)")
+    settings = replace(settings, backend=_resolve_backend(settings.backend, settings.scheme))
     u, beta, r, stats = run(ev, priors, settings, rng)
     if st.intercept is not None:
         beta[..., st.intercept] += st.shift[:, None] if st.batch > 1 else st.shift[0]

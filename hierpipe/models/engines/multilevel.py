@@ -56,7 +56,17 @@ from hierpipe.models.variance_components import (
 )
 
 METHODS = ("complete_pooling", "eb_ml", "eb_reml", "gibbs")
-GIBBS_KEYS = ("chains", "warmup", "draws", "priors", "scheme", "steps", "thin", "store_group_draws")
+GIBBS_KEYS = (
+    "chains",
+    "warmup",
+    "draws",
+    "priors",
+    "scheme",
+    "steps",
+    "thin",
+    "store_group_draws",
+    "backend",
+)
 Z90 = 1.6448536269514722
 
 
@@ -398,6 +408,7 @@ def gibbs_settings(settings: dict[str, Any]):
             thin=int(settings.get("thin", 1)),
             scheme=str(settings.get("scheme", "collapsed")),  # type: ignore[arg-type]
             steps=int(settings.get("steps", 5)),
+            backend=str(settings.get("backend", "numpy")),
         )
     except (TypeError, ValueError):
         raise ConfigError(
@@ -407,6 +418,8 @@ def gibbs_settings(settings: dict[str, Any]):
         raise ConfigError(
             "gibbs needs chains >= 1, warmup >= 0, draws >= 10, thin >= 1, steps >= 1"
         )
+    if s.backend not in ("numpy", "numba"):
+        raise ConfigError(f"gibbs setting 'backend' must be numpy or numba, got {s.backend!r}")
     return s
 
 
