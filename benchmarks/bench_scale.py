@@ -118,7 +118,8 @@ def main() -> None:
     info = json.loads((study / "fits" / "gibbs" / "fit.json").read_text())
     drawn = info.get("group_draws", {})
     print(f"\ngibbs: draws of {drawn.get('groups')} of {drawn.get('of')} groups stored "
-          f"({drawn.get('rule')}); sampler {info.get('seconds')} s")  # fmt: skip
+          f"({drawn.get('rule')}); fit_table (sampling + summaries) "
+          f"{info.get('seconds')} s")  # fmt: skip
     worst = max(peaks)
     print(f"largest peak {worst:.2f} GiB of a {BUDGET_GIB:.0f} GiB budget")
     if not args.work:
