@@ -89,9 +89,16 @@ def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
     or above 0.975, so outside the bar up to the replicates' discreteness).
     """
     stats = ("mean", "sd", "min", "max")
-    fig, axes = plt.subplots(2, 4, figsize=(13, 5.5))
     obs_overall = table[table["scope"] == "overall"].set_index("statistic")
     groups = table[table["scope"] == "group"]
+    fig, axes = plt.subplots(2, 4, figsize=(13, 5.5))
+    one_panel = set(groups["statistic"]) <= {"mean"}
+    if one_panel:
+        # one statistic a group (a meta-analysis: each study's estimate): one wide
+        # panel for it instead of three empty ones beside it
+        for ax in axes[1]:
+            ax.remove()
+        axes[1, 0] = fig.add_subplot(2, 1, 2)
     for k, stat in enumerate(stats):
         ax = axes[0, k]
         counts, edges = np.histogram(overall[stat].dropna(), bins=30)
@@ -102,8 +109,10 @@ def ppc_plot(fit: str, table: pd.DataFrame, overall: pd.DataFrame) -> str:
         g = groups[groups["statistic"] == stat].reset_index(drop=True)
         g = g.iloc[_even_rows(len(g), MAX_GROUPS_SHOWN * 3)]
         y = np.arange(len(g))
+        if g.empty and one_panel:
+            continue
         ax = axes[1, k]
-        if g.empty:  # no per-group statistic (one estimate a study: only its value)
+        if g.empty:  # e.g. no per-cell min/max where a predictor varies within cells
             ax.axis("off")
             ax.text(0.5, 0.5, f"no per-group {stat}", ha="center", va="center", fontsize=8)
             continue
