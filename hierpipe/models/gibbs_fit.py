@@ -59,8 +59,12 @@ def resolve_priors(stats: GroupStats, given: dict[str, dict[str, Any]] | None) -
     return priors
 
 
-def priors_from_config(priors: dict[str, dict[str, Any]]) -> Priors:
-    """The sampler's prior objects from config dictionaries (see README for the keys)."""
+def priors_from_config(priors: dict[str, dict[str, Any]], sampler: str = "two-level") -> Priors:
+    """The sampler's prior objects from config dictionaries (see README for the keys).
+
+    ``sampler`` names the sampler in error messages; the multilevel sampler takes
+    the same families (:func:`hierpipe.models.engines.multilevel.priors_from_config`).
+    """
 
     def scale_prior(name: str) -> HalfCauchy | InvGamma:
         spec = priors[name]
@@ -73,7 +77,7 @@ def priors_from_config(priors: dict[str, dict[str, Any]]) -> Priors:
                 )
             return InvGamma(shape=float(spec["shape"]), scale=float(spec["scale"]))
         raise ConfigError(
-            f"prior '{name}': family '{spec['family']}' is not available for the two-level "
+            f"prior '{name}': family '{spec['family']}' is not available for the {sampler} "
             "sampler (use half_cauchy or inv_gamma)"
         )
 

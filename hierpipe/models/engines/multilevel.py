@@ -366,35 +366,15 @@ def resolve_priors(st: CellStats, given: dict[str, Any] | None) -> dict[str, dic
 
 
 def priors_from_config(priors: dict[str, dict[str, Any]]):
-    """The sampler's prior objects (half_cauchy or inv_gamma SDs; flat or normal b_Intercept)."""
+    """The sampler's prior objects (half_cauchy or inv_gamma SDs; flat or normal b_Intercept).
+
+    The families are the two-level sampler's; one SD prior serves every factor.
+    """
+    from hierpipe.models.gibbs_fit import priors_from_config as two_level_priors
     from hierpipe.models.gibbs_multilevel import MultilevelPriors
-    from hierpipe.models.gibbs_twolevel import Flat, HalfCauchy, InvGamma, Normal
 
-    def scale_prior(name: str):
-        spec = priors[name]
-        if spec["family"] == "half_cauchy":
-            return HalfCauchy(scale=float(spec["scale"]))
-        if spec["family"] == "inv_gamma":
-            if "shape" not in spec or "scale" not in spec:
-                raise ConfigError(
-                    f"prior '{name}': inv_gamma needs shape and scale (on the variance)"
-                )
-            return InvGamma(shape=float(spec["shape"]), scale=float(spec["scale"]))
-        raise ConfigError(
-            f"prior '{name}': family '{spec['family']}' is not available for the multilevel "
-            "sampler (use half_cauchy or inv_gamma)"
-        )
-
-    b = priors["b_Intercept"]
-    if b["family"] == "flat":
-        intercept: Any = Flat()
-    elif b["family"] == "normal":
-        if "scale" not in b:
-            raise ConfigError("prior 'b_Intercept': normal needs a scale (its SD)")
-        intercept = Normal(mean=float(b.get("location", 0.0)), sd=float(b["scale"]))
-    else:
-        raise ConfigError(f"prior 'b_Intercept': family '{b['family']}' must be flat or normal")
-    return MultilevelPriors(sd=scale_prior("sd"), sigma=scale_prior("sigma"), b_Intercept=intercept)
+    p = two_level_priors(priors, sampler="multilevel")
+    return MultilevelPriors(sd=p.sd, sigma=p.sigma, b_Intercept=p.b_Intercept)
 
 
 def gibbs_settings(settings: dict[str, Any]):
