@@ -12,13 +12,12 @@ import json
 import shutil
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, ReportPage, snakemake
 
 RR = {"measure": "log_risk_ratio", "ai": "tpos", "bi": "tneg", "ci": "cpos", "di": "cneg"}
 MINE = """Trial,Year,log OR,Var
@@ -121,7 +120,7 @@ def test_influence_rows_and_report(run):
     assert len(cv) == 8 and cv["group"].is_unique
     assert {"elpd", "mu", "mu_se", "tau", "pi_lb", "pi_ub", "std_residual"} <= set(cv.columns)
     assert pd.read_parquet(res / "cv" / "comparison.parquet")["fit"].tolist() != []
-    page = _Page()
+    page = ReportPage()
     page.feed((res / "report.html").read_text())
     assert {"forest", "meta_estimators", "meta_tau", "meta_funnel", "meta_influence"} <= page.ids
     assert page.external == [] and all(s.startswith("data:image/png") for s in page.img_src)
@@ -155,26 +154,3 @@ def test_duplicate_study_label_stops_ingest_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "column 'Trial': study 'Smith 2001' is on rows 1 and 4" in lines[0]
     assert not (tmp_path / "d.parquet").exists()
-
-
-class _Page(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.ids: set[str] = set()
-        self.img_src: list[str] = []
-        self.external: list[str] = []
-        self.text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if "id" in a:
-            self.ids.add(a["id"])
-        if tag == "img":
-            self.img_src.append(a.get("src", ""))
-        for key in ("src", "href"):
-            v = a.get(key) or ""
-            if tag != "a" and v and not v.startswith("data:"):
-                self.external.append(v)
-
-    def handle_data(self, data):
-        self.text.append(data)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import snakemake, workdir
+from workflow_helpers import ReportPage, snakemake, workdir
 
 TINY = {
     "seed": 7,
@@ -36,29 +35,6 @@ def run_a(tmp_path_factory) -> Path:
     work = workdir(tmp_path_factory.mktemp("a"), TINY)
     snakemake(work, "--cores", "2")
     return work
-
-
-class _Page(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.ids: set[str] = set()
-        self.img_src: list[str] = []
-        self.external: list[str] = []
-        self.text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if "id" in a:
-            self.ids.add(a["id"])
-        if tag == "img":
-            self.img_src.append(a.get("src", ""))
-        for key in ("src", "href"):
-            v = a.get(key) or ""
-            if tag != "a" and v and not v.startswith("data:"):
-                self.external.append(v)
-
-    def handle_data(self, data):
-        self.text.append(data)
 
 
 def test_outputs_follow_the_contract(run_a):
@@ -94,7 +70,7 @@ def test_outputs_follow_the_contract(run_a):
 
 
 def test_report_is_self_contained_and_complete(run_a):
-    page = _Page()
+    page = ReportPage()
     page.feed((run_a / "results" / "tiny" / "report.html").read_text())
     assert {
         "overview",

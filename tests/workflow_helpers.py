@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import yaml
@@ -26,3 +27,28 @@ def snakemake(work: Path, *args: str, check: bool = True) -> subprocess.Complete
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+class ReportPage(HTMLParser):
+    """Ids, image sources, non-inline references and text of an HTML report."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.img_src: list[str] = []
+        self.external: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "img":
+            self.img_src.append(a.get("src", ""))
+        for key in ("src", "href"):
+            v = a.get(key) or ""
+            if tag != "a" and v and not v.startswith("data:"):
+                self.external.append(v)
+
+    def handle_data(self, data):
+        self.text.append(data)
