@@ -35,6 +35,7 @@ from hierpipe.diagnostics.ppc import BLOCK_VALUES, Replicates, thin_indices
 from hierpipe.diagnostics.residuals import residual_table
 from hierpipe.diagnostics.shrinkage import james_stein
 from hierpipe.errors import ConfigError, InputError
+from hierpipe.models.engines.one_way_checks import draw_scale
 from hierpipe.models.structure import Structure
 
 if TYPE_CHECKING:  # the engine re-exports this module, so it is imported lazily below
@@ -265,15 +266,6 @@ def ppc_replicates(
 # --------------------------------------------------------------------------- prior predictive
 
 
-def _scale_draws(spec: dict[str, Any], rng: np.random.Generator, size: int) -> np.ndarray:
-    """SD draws from a one-coefficient prior as fit.json records it (SD or variance scale)."""
-    if spec["family"] == "half_cauchy":
-        return float(spec["scale"]) * np.abs(rng.standard_cauchy(size))
-    if spec["family"] == "inv_gamma":
-        return np.sqrt(float(spec["scale"]) / rng.gamma(float(spec["shape"]), 1.0, size))
-    raise ValueError(f"prior family '{spec['family']}' is not a scale prior")
-
-
 def _inv_wishart_identity(df: float, k: int, rng: np.random.Generator, size: int) -> np.ndarray:
     r""":math:`IW(\text{df}, I_k)` draws (size, k, k) by Bartlett's decomposition.
 
@@ -299,7 +291,7 @@ def _block_draws(spec: dict[str, Any], k: int, rng: np.random.Generator, size: i
     """
     fam = spec["family"]
     if fam in ("half_cauchy", "inv_gamma"):
-        return (_scale_draws(spec, rng, size) ** 2)[:, None, None]
+        return (draw_scale(spec, rng, size) ** 2)[:, None, None]
     if fam == "huang_wand":
         nu = float(spec["nu"])
         big_a = np.broadcast_to(np.asarray(spec["scale"], dtype=np.float64), (k,))
@@ -346,7 +338,7 @@ def prior_predictive(
     for spec, k in zip(priors["blocks"], data.block_sizes, strict=True):
         big[:, start : start + k, start : start + k] = _block_draws(spec, k, rng, size)
         start += k
-    sigma = _scale_draws(priors["sigma"], rng, size)
+    sigma = draw_scale(priors["sigma"], rng, size)
     bspec = priors.get("beta", {"family": "flat"})
     if bspec.get("family") == "normal":
         mean = np.asarray(bspec["mean"], dtype=np.float64)

@@ -376,14 +376,14 @@ def prior_predictive(
     (new groups of every factor) and, with a normal prior on ``b_Intercept``,
     the new observation itself (NaN under the flat prior).
     """
-    from hierpipe.models.engines.one_way_checks import _draw_scale
+    from hierpipe.models.engines.one_way_checks import draw_scale
 
     priors = info.get("priors")
     if not priors or "sd" not in priors or "sigma" not in priors:
         return None
     st = prep.stats
-    sd = np.column_stack([_draw_scale(priors["sd"], rng, size) for _ in range(st.K)])
-    sigma = _draw_scale(priors["sigma"], rng, size)
+    sd = np.column_stack([draw_scale(priors["sd"], rng, size) for _ in range(st.K)])
+    sigma = draw_scale(priors["sigma"], rng, size)
     b = priors.get("b_Intercept", {"family": "flat"})
     if b.get("family") == "normal":
         mu = float(b["mean"]) + float(b["sd"]) * rng.standard_normal(size)

@@ -107,8 +107,8 @@ def ppc_replicates(
     return Replicates(count=sigma.size, blocks=blocks(), note=note)
 
 
-def _draw_scale(spec: dict[str, Any], rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draws of an SD from a prior as fit.json records it.
+def draw_scale(spec: dict[str, Any], rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draws of an SD from a prior as fit.json records it (every sampler's one-coefficient SDs).
 
     Half-Cauchy is on the SD; inverse-gamma on the variance.
     """
@@ -138,8 +138,8 @@ def prior_predictive(
     priors = info.get("priors")
     if not priors or "sd" not in priors or "sigma" not in priors:
         return None
-    tau = _draw_scale(priors["sd"], rng, size)
-    sigma = _draw_scale(priors["sigma"], rng, size)
+    tau = draw_scale(priors["sd"], rng, size)
+    sigma = draw_scale(priors["sigma"], rng, size)
     b = priors.get("b_Intercept", {"family": "flat"})
     if b.get("family") == "normal":
         mu = float(b["mean"]) + float(b["sd"]) * rng.standard_normal(size)
